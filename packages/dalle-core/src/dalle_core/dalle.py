@@ -1,0 +1,517 @@
+"""DALLE: one decoder-only transformer over ``[bos, text tokens, image codes]``.
+
+Text padding (id 0) becomes a unique id per position, so the model learns where captions end;
+text positions predict text, image positions predict image codes. Each of the two heads only
+computes its own vocabulary (no logits that would be masked away). Generation runs with a
+preallocated key/value cache; classifier-free guidance runs conditional and unconditional rows
+as one batch, each row with its own cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle_core.interfaces import TOKENIZER_CONFIG, ImageVAE, Tokenizer
+from dalle_core.layers import DivideMax
+from dalle_core.pretrained import PretrainedMixin
+from dalle_core.sampling import sample_logits
+from dalle_core.transformer import LayerCache, Transformer
+
+VAE_FOLDER = "vae"
+TOKENIZER_FOLDER = "tokenizer"
+STABLE_EMBEDDING_ALPHA = 0.1  # CogView: shrink embedding gradients when `stable`
+
+
+def check_vae(vae: Any) -> None:
+    """Raise a TypeError naming what ``vae`` lacks to fit the image VAE interface."""
+    needed = ("image_size", "channels", "num_tokens", "fmap_size", "get_codebook_indices", "decode")
+    missing = [name for name in needed if not hasattr(vae, name)]
+    if missing:
+        raise TypeError(
+            f"vae of type {type(vae).__name__} does not fit the image VAE interface: "
+            f"it lacks {', '.join(missing)} (see dalle_core.interfaces.ImageVAE)"
+        )
+
+
+def check_ids(ids: Tensor, upper: int, what: str) -> None:
+    """Ids must lie in ``[0, upper)``. Checked on the host for CPU tensors; asynchronously on
+    accelerators so that training never waits for it."""
+    if ids.device.type == "cpu":
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= upper):
+            raise ValueError(
+                f"{what} must be in [0, {upper}), got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
+    else:
+        torch._assert_async(((ids >= 0) & (ids < upper)).all(), f"{what} must be in [0, {upper})")
+
+
+class DALLE(PretrainedMixin, nn.Module):
+    """Text-to-image transformer with the upstream project's constructor keywords.
+
+    Extra keywords: ``attn_kernel`` (a registered attention kernel name, or ``"auto"``),
+    ``activation_checkpointing`` (recompute layers in the backward pass), ``tokenizer``
+    (saved with the model; `generate_texts` decodes with it). ``optimize_for_inference`` is
+    accepted for compatibility: every pattern already runs on the cache-friendly masked path.
+    """
+
+    plugin_name = "dalle"
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        vae: ImageVAE,
+        num_text_tokens: int = 10000,
+        text_seq_len: int = 256,
+        depth: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        reversible: bool = False,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        attn_types: str | tuple[str, ...] | list[str] | None = None,
+        loss_img_weight: float = 7,
+        stable: bool = False,
+        sandwich_norm: bool = False,
+        shift_tokens: bool = True,
+        rotary_emb: bool = True,
+        shared_attn_ids: tuple | list | None = None,
+        shared_ff_ids: tuple | list | None = None,
+        share_input_output_emb: bool = False,
+        optimize_for_inference: bool = False,
+        attn_kernel: str = "auto",
+        activation_checkpointing: bool = False,
+        tokenizer: Tokenizer | None = None,
+    ):
+        super().__init__()
+        check_vae(vae)
+        if isinstance(attn_types, str):
+            attn_types = (attn_types,)
+        attn_types = tuple(attn_types or ("full",))
+        self.config = {
+            "dim": dim, "num_text_tokens": num_text_tokens, "text_seq_len": text_seq_len,
+            "depth": depth, "heads": heads, "dim_head": dim_head, "reversible": reversible,
+            "attn_dropout": attn_dropout, "ff_dropout": ff_dropout, "attn_types": list(attn_types),
+            "loss_img_weight": loss_img_weight, "stable": stable, "sandwich_norm": sandwich_norm,
+            "shift_tokens": shift_tokens, "rotary_emb": rotary_emb,
+            "shared_attn_ids": list(shared_attn_ids) if shared_attn_ids is not None else None,
+            "shared_ff_ids": list(shared_ff_ids) if shared_ff_ids is not None else None,
+            "share_input_output_emb": share_input_output_emb,
+            "optimize_for_inference": optimize_for_inference, "attn_kernel": attn_kernel,
+            "activation_checkpointing": activation_checkpointing,
+        }
+        self.vae = vae.requires_grad_(False).eval() if isinstance(vae, nn.Module) else vae
+        self.tokenizer = tokenizer
+        self.image_size, self.channels = vae.image_size, vae.channels
+        self.fmap_size = vae.fmap_size
+        self.num_image_tokens = vae.num_tokens
+        self.image_seq_len = self.fmap_size**2
+        self.num_text_tokens = num_text_tokens
+        self.text_seq_len = text_seq_len
+        self.total_text_tokens = num_text_tokens + text_seq_len  # + a padding id per position
+        self.text_len = text_seq_len + 1  # with <bos>
+        self.seq_len = self.text_len + self.image_seq_len - 1
+        self.loss_img_weight = loss_img_weight
+        self.stable = stable
+
+        self.text_emb = nn.Embedding(self.total_text_tokens, dim)
+        self.image_emb = nn.Embedding(self.num_image_tokens, dim)
+        if rotary_emb:
+            self.text_pos_emb = self.image_row_emb = self.image_col_emb = None
+        else:
+            self.text_pos_emb = nn.Embedding(self.text_len, dim)
+            self.image_row_emb = nn.Embedding(self.fmap_size, dim)
+            self.image_col_emb = nn.Embedding(self.fmap_size, dim)
+        self.register_buffer(
+            "text_pad_ids", torch.arange(text_seq_len) + num_text_tokens, persistent=False
+        )
+        grid = torch.arange(self.image_seq_len)
+        self.register_buffer("image_rows", grid // self.fmap_size, persistent=False)
+        self.register_buffer("image_cols", grid % self.fmap_size, persistent=False)
+
+        self.transformer = Transformer(
+            dim=dim, depth=depth, text_len=self.text_len, fmap_size=self.fmap_size, heads=heads,
+            dim_head=dim_head, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
+            attn_types=attn_types, attn_kernel=attn_kernel, sandwich_norm=sandwich_norm,
+            shift_tokens=shift_tokens, rotary_emb=rotary_emb, reversible=reversible,
+            activation_checkpointing=activation_checkpointing,
+            shared_attn_ids=shared_attn_ids, shared_ff_ids=shared_ff_ids,
+        )
+        self.norm_by_max = DivideMax(dim=-1) if stable else nn.Identity()
+        self.final_norm = nn.LayerNorm(dim)
+        if share_input_output_emb:
+            self.text_head = self.image_head = None
+            self.text_head_bias = nn.Parameter(torch.zeros(self.total_text_tokens))
+            self.image_head_bias = nn.Parameter(torch.zeros(self.num_image_tokens))
+        else:
+            self.text_head = nn.Linear(dim, self.total_text_tokens)
+            self.image_head = nn.Linear(dim, self.num_image_tokens)
+
+    # ----------------------------------------------------------------- inputs and embeddings
+
+    def train(self, mode: bool = True) -> DALLE:
+        """Switch training mode; the VAE stays frozen in eval mode."""
+        super().train(mode)
+        if isinstance(self.vae, nn.Module):
+            self.vae.eval()
+        return self
+
+    def _check_text(self, text: Tensor) -> Tensor:
+        if text.dim() != 2 or text.shape[1] != self.text_seq_len or text.dtype != torch.long:
+            raise ValueError(
+                f"text must be a LongTensor [batch, text_seq_len={self.text_seq_len}] of token ids, "
+                f"got {text.dtype} {list(text.shape)}"
+            )
+        check_ids(text, self.num_text_tokens, "text token ids")
+        return text
+
+    def _key_padding_mask(self, mask: Tensor | None, batch: int, length: int) -> Tensor | None:
+        """Text mask ``[B, text_seq_len]`` -> keys to keep ``[B, length]`` (bos and image kept)."""
+        if mask is None:
+            return None
+        if mask.shape != (batch, self.text_seq_len):
+            raise ValueError(
+                f"mask must have shape [batch={batch}, text_seq_len={self.text_seq_len}], "
+                f"got {list(mask.shape)}"
+            )
+        mask = mask.bool()
+        if mask.device.type == "cpu" and bool(mask.all()):
+            return None  # nothing hidden: keep the fused causal path
+        keep = torch.ones(batch, length, dtype=torch.bool, device=mask.device)
+        keep[:, 1 : self.text_len] = mask
+        return keep
+
+    def image_codes(self, image: Tensor) -> Tensor:
+        """Pixels ``[B, C, H, W]`` in [0, 1] (encoded by the VAE in fp32) or codes ``[B, m]``
+        -> codes ``LongTensor[B, m]``."""
+        if image.dtype == torch.long:
+            if image.dim() != 2 or image.shape[1] > self.image_seq_len:
+                raise ValueError(
+                    f"image codes must be a LongTensor [batch, <= {self.image_seq_len}], "
+                    f"got {list(image.shape)}"
+                )
+            check_ids(image, self.num_image_tokens, "image codes")
+            return image
+        expected = [self.channels, self.image_size, self.image_size]
+        if image.dim() != 4 or list(image.shape[1:]) != expected:
+            raise ValueError(
+                f"images must have shape [batch, {', '.join(map(str, expected))}] "
+                f"(channels, height, width in pixels), got {list(image.shape)}"
+            )
+        with torch.no_grad(), torch.autocast(image.device.type, enabled=False):
+            return self.vae.get_codebook_indices(image.to(self._vae_dtype()))
+
+    def _vae_dtype(self) -> torch.dtype:
+        """The VAE runs in its own precision (fp32 unless cast), never under autocast."""
+        if isinstance(self.vae, nn.Module):
+            for parameter in self.vae.parameters():
+                return parameter.dtype
+        return torch.float32
+
+    def _embed_text(self, text: Tensor) -> Tensor:
+        """Ids ``[B, n]`` (n <= L, 0 = padding) -> ``[B, n + 1, dim]`` with <bos> in front."""
+        n = text.shape[1]
+        text = torch.where(text == 0, self.text_pad_ids[:n], text)
+        text = F.pad(text, (1, 0), value=0)  # <bos> = 0, never a text id after the line above
+        tokens = self.text_emb(text)
+        if self.text_pos_emb is not None:
+            tokens = tokens + self.text_pos_emb.weight[: n + 1]
+        return tokens
+
+    def _embed_image(self, codes: Tensor, start: int) -> Tensor:
+        """Codes ``[B, m]`` at grid positions ``start ..`` -> ``[B, m, dim]``."""
+        tokens = self.image_emb(codes)
+        if self.image_row_emb is not None:
+            end = start + codes.shape[1]
+            rows, cols = self.image_rows[start:end], self.image_cols[start:end]
+            tokens = tokens + self.image_row_emb(rows) + self.image_col_emb(cols)
+        return tokens
+
+    # ----------------------------------------------------------------- heads
+
+    def _hidden(
+        self, tokens: Tensor, offset: int, key_padding_mask: Tensor | None,
+        cache: list[LayerCache] | None = None,
+    ) -> Tensor:
+        out = self.transformer(tokens, offset=offset, key_padding_mask=key_padding_mask, cache=cache)
+        return self.final_norm(self.norm_by_max(out))
+
+    def _text_logits(self, hidden: Tensor) -> Tensor:
+        """``[..., dim]`` -> ``[..., num_text_tokens + text_seq_len]``."""
+        if self.text_head is None:
+            return F.linear(hidden, self.text_emb.weight, self.text_head_bias)
+        return self.text_head(hidden)
+
+    def _image_logits(self, hidden: Tensor) -> Tensor:
+        """``[..., dim]`` -> ``[..., num_image_tokens]``."""
+        if self.image_head is None:
+            return F.linear(hidden, self.image_emb.weight, self.image_head_bias)
+        return self.image_head(hidden)
+
+    # ----------------------------------------------------------------- training
+
+    def forward(
+        self,
+        text: Tensor,
+        image: Tensor | None = None,
+        mask: Tensor | None = None,
+        return_loss: bool = False,
+        null_cond_prob: float = 0.0,
+    ) -> Tensor:
+        """Loss (``return_loss``) or logits ``[B, n, total_text_tokens + num_image_tokens]``.
+
+        ``text [B, text_seq_len]`` ids (0 = padding); ``image`` pixels ``[B, C, H, W]`` in
+        [0, 1] or codes ``[B, m]``; ``mask [B, text_seq_len]`` (False = padding, not attended);
+        ``null_cond_prob``: chance of dropping a row's text (classifier-free guidance).
+        The logits without loss hold ``-finfo.max`` where a position cannot predict a token.
+        """
+        text = self._check_text(text)
+        batch = text.shape[0]
+        if null_cond_prob > 0:
+            keep = torch.rand(batch, device=text.device) >= null_cond_prob
+            text = text * keep[:, None]  # a new tensor: the caller's text is untouched
+        tokens = self._embed_text(text)  # [B, L + 1, dim]
+        codes = None
+        if image is not None:
+            codes = self.image_codes(image)  # [B, m]
+            inputs = codes[:, : self.image_seq_len - 1]  # the last code is predicted, never input
+            tokens = torch.cat((tokens, self._embed_image(inputs, 0)), dim=1)
+        elif return_loss:
+            raise ValueError("return_loss=True needs an image (pixels or codes)")
+        if self.stable:
+            alpha = STABLE_EMBEDDING_ALPHA
+            tokens = tokens * alpha + tokens.detach() * (1 - alpha)
+        key_padding_mask = self._key_padding_mask(mask, batch, tokens.shape[1])
+        hidden = self._hidden(tokens, 0, key_padding_mask)  # [B, n, dim]
+        text_hidden, image_hidden = hidden[:, : self.text_seq_len], hidden[:, self.text_seq_len :]
+        if not return_loss:
+            return self._masked_logits(text_hidden, image_hidden)
+        if codes.shape[1] != self.image_seq_len:
+            raise ValueError(
+                f"return_loss=True needs all {self.image_seq_len} image codes, got {codes.shape[1]}"
+            )
+        text_labels = torch.where(text == 0, self.text_pad_ids, text)  # [B, L]
+        text_logits = self._text_logits(text_hidden)  # [B, L, Vt]
+        image_logits = self._image_logits(image_hidden)  # [B, M, Vi]
+        loss_text = F.cross_entropy(text_logits.flatten(0, 1), text_labels.flatten())
+        loss_img = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
+        return (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
+
+    def _masked_logits(self, text_hidden: Tensor, image_hidden: Tensor) -> Tensor:
+        text_logits, image_logits = self._text_logits(text_hidden), self._image_logits(image_hidden)
+        fill = -torch.finfo(text_logits.dtype).max
+        text_part = F.pad(text_logits, (0, self.num_image_tokens), value=fill)
+        image_part = F.pad(image_logits, (self.total_text_tokens, 0), value=fill)
+        return torch.cat((text_part, image_part), dim=1)
+
+    # ----------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate_images(
+        self,
+        text: Tensor,
+        *,
+        mask: Tensor | None = None,
+        clip: nn.Module | None = None,
+        filter_thres: float = 0.5,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        img: Tensor | None = None,
+        num_init_img_tokens: int | None = None,
+        cond_scale: float = 1.0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Sample images ``[B, C, H, W]`` in [0, 1] for ``text [B, text_seq_len]``.
+
+        ``filter_thres``: keep the top ``(1 - filter_thres)`` share of the image codebook at
+        each step; ``top_p``: nucleus sampling on top; ``img`` + ``num_init_img_tokens``: prime
+        with the first codes of an image (default 14/32 of them, as in the paper);
+        ``cond_scale``: classifier-free guidance; ``clip``: also return its scores ``[B]``.
+        The same ``generator`` state gives the same images, cached or not.
+        """
+        codes = self.generate_image_codes(
+            text, mask=mask, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
+            img=img, num_init_img_tokens=num_init_img_tokens, cond_scale=cond_scale,
+            use_cache=use_cache, generator=generator,
+        )
+        with torch.autocast(codes.device.type, enabled=False):
+            images = self.vae.decode(codes)
+        if clip is None:
+            return images
+        return images, clip(text, images, text_mask=mask)
+
+    @torch.no_grad()
+    def generate_image_codes(
+        self,
+        text: Tensor,
+        *,
+        mask: Tensor | None = None,
+        filter_thres: float = 0.5,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        img: Tensor | None = None,
+        num_init_img_tokens: int | None = None,
+        cond_scale: float = 1.0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """As `generate_images`, returning the codes ``LongTensor[B, image_seq_len]``."""
+        text = self._check_text(text)
+        batch = text.shape[0]
+        codes = text.new_empty(batch, 0)
+        if img is not None:
+            n_prime = num_init_img_tokens
+            if n_prime is None:
+                n_prime = int(0.4375 * self.image_seq_len)  # 14 of 32 rows, as in the paper
+            if not 0 <= n_prime < self.image_seq_len:
+                raise ValueError(
+                    f"num_init_img_tokens must be in [0, {self.image_seq_len}), got {n_prime}"
+                )
+            codes = self.image_codes(img)[:, :n_prime]
+        guided = cond_scale != 1
+        if guided:  # conditional rows, then unconditional rows (all-padding text): one batch
+            text = torch.cat((text, torch.zeros_like(text)))
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(mask)))
+        rows = text.shape[0]
+
+        def step_logits(hidden_last: Tensor) -> Tensor:  # [rows, dim] -> [batch, Vi]
+            logits = self._image_logits(hidden_last).float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + (cond - uncond) * cond_scale
+            return logits
+
+        was_training = self.training
+        self.eval()
+        try:
+            text_tokens = self._embed_text(text)  # [rows, L + 1, dim]
+            key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
+            cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
+            row_codes = codes.repeat(2, 1) if guided else codes
+            tokens = torch.cat((text_tokens, self._embed_image(row_codes, 0)), dim=1)
+            hidden = self._hidden(tokens, 0, key_padding_mask, cache)[:, -1]
+            for position in range(codes.shape[1], self.image_seq_len):
+                logits = step_logits(hidden)
+                sample = sample_logits(
+                    logits, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
+                    generator=generator,
+                )  # [batch]
+                codes = torch.cat((codes, sample[:, None]), dim=1)
+                if position == self.image_seq_len - 1:
+                    break
+                row_codes = codes.repeat(2, 1) if guided else codes
+                if use_cache:
+                    new = self._embed_image(row_codes[:, -1:], position)  # [rows, 1, dim]
+                    hidden = self._hidden(new, self.text_len + position, key_padding_mask, cache)
+                else:
+                    tokens = torch.cat((text_tokens, self._embed_image(row_codes, 0)), dim=1)
+                    hidden = self._hidden(tokens, 0, key_padding_mask)
+                hidden = hidden[:, -1]
+        finally:
+            self.train(was_training)
+        return codes
+
+    @torch.no_grad()
+    def generate_texts(
+        self,
+        text: Tensor | str | list[str] | None = None,
+        tokenizer: Tokenizer | None = None,
+        *,
+        filter_thres: float = 0.5,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, list[str] | None]:
+        """Continue captions to ``text_seq_len`` tokens -> ``(text_tokens [B, L], texts)``.
+
+        ``text``: ids ``[B, n]`` or ``[n]``, a string or list of strings (encoded with the
+        tokenizer), or None to start from nothing. Generated padding ids come back as 0, so
+        ``text_tokens`` can be passed to `generate_images`. ``texts`` are decoded with
+        ``tokenizer``, else the model's own; None when it has neither.
+        """
+        tokenizer = tokenizer or self.tokenizer
+        prompts = self._text_prompts(text, tokenizer)
+        rows = [self._continue_text(ids, filter_thres, top_p, temperature, use_cache, generator)
+                for ids in prompts]
+        text_tokens = torch.cat(rows)  # [B, L]
+        texts = [tokenizer.decode(row.tolist()) for row in text_tokens] if tokenizer else None
+        return text_tokens, texts
+
+    def _text_prompts(self, text, tokenizer: Tokenizer | None) -> list[Tensor]:
+        """Prompts as id tensors ``[rows, n]``; strings of different lengths run apart."""
+        device = self.text_emb.weight.device
+        if text is None or (isinstance(text, str) and not text):
+            return [torch.zeros(1, 0, dtype=torch.long, device=device)]
+        if isinstance(text, (str, list)):
+            if tokenizer is None:
+                raise ValueError("generate_texts needs a tokenizer to encode strings; pass tokenizer=")
+            texts = [text] if isinstance(text, str) else text
+            encoded = [tokenizer.encode(t)[: self.text_seq_len] for t in texts]
+            return [torch.tensor([ids], dtype=torch.long, device=device) for ids in encoded]
+        ids = text if text.dim() == 2 else text[None]
+        if ids.shape[1] > self.text_seq_len:
+            raise ValueError(f"text has {ids.shape[1]} tokens, more than text_seq_len={self.text_seq_len}")
+        check_ids(ids, self.num_text_tokens, "text token ids")
+        return [ids.to(device)]
+
+    def _continue_text(self, ids, filter_thres, top_p, temperature, use_cache, generator) -> Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            rows, length = ids.shape
+            tokens = self._embed_text(ids)  # [rows, 1 + n, dim]
+            cache = self.transformer.new_cache(rows, self.text_len, tokens) if use_cache else None
+            hidden = self._hidden(tokens, 0, None, cache)[:, -1]
+            for position in range(length, self.text_seq_len):
+                logits = self._text_logits(hidden).float()
+                sample = sample_logits(
+                    logits, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
+                    generator=generator,
+                )
+                ids = torch.cat((ids, sample[:, None]), dim=1)
+                if position == self.text_seq_len - 1:
+                    break
+                new = self.text_emb(sample[:, None])
+                if self.text_pos_emb is not None:
+                    new = new + self.text_pos_emb.weight[position + 1]
+                if use_cache:
+                    hidden = self._hidden(new, position + 1, None, cache)[:, -1]
+                else:
+                    tokens = torch.cat((tokens, new), dim=1)
+                    hidden = self._hidden(tokens, 0, None)[:, -1]
+        finally:
+            self.train(was_training)
+        is_text = (ids > 0) & (ids < self.num_text_tokens)  # padding ids and <bos> -> 0
+        return ids * is_text
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_parts(self, directory: Path) -> tuple[str, ...]:
+        """Embed the VAE (``vae/``) and the tokenizer (``tokenizer/``) in the checkpoint."""
+        if not hasattr(self.vae, "save_pretrained"):
+            raise TypeError(f"the VAE ({type(self.vae).__name__}) has no save_pretrained")
+        self.vae.save_pretrained(directory / VAE_FOLDER)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory / TOKENIZER_FOLDER)
+        return ("vae.",)
+
+    @classmethod
+    def load_parts(cls, directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+        from dalle_core.plugins import load_tokenizer, load_vae
+
+        parts: dict[str, Any] = {"vae": load_vae(directory / VAE_FOLDER)}
+        if (directory / TOKENIZER_FOLDER / TOKENIZER_CONFIG).is_file():
+            parts["tokenizer"] = load_tokenizer(directory / TOKENIZER_FOLDER)
+        return parts
+
+    @classmethod
+    def skipped_prefixes(cls, config: dict[str, Any]) -> tuple[str, ...]:
+        return ("vae.",)

@@ -1,0 +1,62 @@
+"""Small building blocks shared by the DALLE and CLIP transformers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: ``x [B, N, dim] -> [B, N, dim]`` through ``dim * mult`` hidden units."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gates = self.proj_in(x).chunk(2, dim=-1)  # [B, N, dim * mult] each
+        return self.proj_out(self.dropout(x * F.gelu(gates)))
+
+
+class LayerScale(nn.Module):
+    """Scales a residual branch by a learned per-channel factor, small at init (CaiT).
+
+    The initial factor shrinks with depth as in the upstream project: 0.1 up to layer 18,
+    1e-5 up to 24, 1e-6 beyond.
+    """
+
+    def __init__(self, dim: int, layer_index: int, fn: nn.Module):
+        super().__init__()
+        init_eps = 0.1 if layer_index <= 18 else 1e-5 if layer_index <= 24 else 1e-6
+        self.scale = nn.Parameter(torch.full((dim,), init_eps))
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return self.fn(x, **kwargs) * self.scale
+
+
+class PreNorm(nn.Module):
+    """LayerNorm before ``fn``, and after it too with ``sandwich`` (CogView's sandwich norm)."""
+
+    def __init__(self, dim: int, fn: nn.Module, sandwich: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.norm_out = nn.LayerNorm(dim) if sandwich else nn.Identity()
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return self.norm_out(self.fn(self.norm(x), **kwargs))
+
+
+class DivideMax(nn.Module):
+    """Divides by the (detached) maximum along ``dim``: keeps fp16 logits in range."""
+
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / x.amax(dim=self.dim, keepdim=True).detach()

@@ -1,0 +1,320 @@
+"""The causal transformer of DALLE: attention with per-layer patterns, token shift, rotary
+positions, a preallocated key/value cache, and reversible or checkpointed layers.
+
+Every layer works on a slice of the sequence: queries at positions ``offset .. offset + n - 1``
+(training: the whole sequence, ``offset == 0``; cached generation: the new tokens). A
+`LayerCache` holds what later positions need from earlier ones (keys, values, and the normed
+inputs that token shift reads), so cached and uncached runs compute the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import cycle
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dalle_core.attention.kernels import AttentionKernel, SDPAKernel
+from dalle_core.attention.patterns import AttentionPattern
+from dalle_core.layers import FeedForward, LayerScale, PreNorm
+from dalle_core.reversible import ReversibleSequence
+
+
+@dataclass
+class ForwardContext:
+    """What every layer needs to know about the current slice of the sequence."""
+
+    offset: int
+    key_padding_mask: Tensor | None  # [B, offset + n] bool, True = keep; None = keep all
+    rotary: tuple[Tensor, Tensor] | None  # cos, sin [n, rot_dim] for positions offset..
+
+
+@dataclass
+class BranchCache:
+    """Per-branch cache: keys/values ``[B, H, N, D]`` (attention) and normed inputs ``[B, N, dim]``
+    (token shift); any of them ``None`` when the branch does not need it."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    shifted_inputs: Tensor | None = None
+
+
+@dataclass
+class LayerCache:
+    attn: BranchCache
+    ff: BranchCache
+
+
+class KernelSelector:
+    """Resolves ``attn_kernel`` (a registered name or ``"auto"``) to a kernel per call.
+
+    A named kernel is created at construction, so a name whose plugin is not installed fails
+    there, saying which package to install. Where it cannot serve a call (e.g. a cached
+    generation step for ``flex``), the dense SDPA kernel does. ``auto`` picks the usable kernel
+    with the highest priority. Choices are cached per (pattern, device, dtype, grad, decoding).
+    """
+
+    def __init__(self, name: str, patterns: set[str]):
+        from dalle_core.plugins import create_attention_kernel
+
+        self.name = name
+        self.fallback = SDPAKernel()
+        self.fixed: AttentionKernel | None = None
+        if name != "auto":
+            self.fixed = create_attention_kernel(name)
+            unsupported = sorted(patterns - set(self.fixed.patterns))
+            if unsupported:
+                raise ValueError(
+                    f"attn_kernel '{name}' does not support attention type(s) {unsupported}; "
+                    f"it supports {sorted(self.fixed.patterns)}; use attn_kernel='auto'"
+                )
+        self._choices: dict[tuple, AttentionKernel] = {}
+
+    def select(self, pattern: str, q: Tensor, decoding: bool) -> AttentionKernel:
+        key = (pattern, q.device.type, q.dtype, q.requires_grad, decoding)
+        kernel = self._choices.get(key)
+        if kernel is None:
+            kernel = self._choose(*key)
+            self._choices[key] = kernel
+        return kernel
+
+    def _choose(self, pattern, device_type, dtype, needs_grad, decoding) -> AttentionKernel:
+        if self.fixed is not None:
+            usable = self.fixed.supports(pattern, device_type, dtype, needs_grad, decoding)
+            return self.fixed if usable else self.fallback
+        from dalle_core.plugins import usable_attention_kernels
+
+        candidates = [
+            kernel
+            for kernel in usable_attention_kernels()
+            if kernel.supports(pattern, device_type, dtype, needs_grad, decoding)
+        ]
+        if not candidates:
+            return self.fallback
+        return max(candidates, key=lambda kernel: kernel.priority(pattern, device_type))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``cos.shape[-1]`` features of ``x [B, H, n, D]`` by position."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def rotary_tables(dim_head: int, text_len: int, fmap_size: int) -> tuple[Tensor, Tensor]:
+    """cos, sin ``[seq_len, rot_dim]`` for DALLE's three rotary axes.
+
+    A third of the head's features each rotate by text position, image row and image column.
+    Image codes share one text position far beyond the text; text sits far outside the image
+    grid (which spans [-1, 1]) on both image axes, as in the upstream project.
+    """
+    part = (dim_head // 3) // 2 * 2
+    if part == 0:
+        raise ValueError(f"rotary_emb needs dim_head >= 6, got {dim_head}")
+    image_len = fmap_size**2
+    seq_len = text_len + image_len - 1
+    positions = torch.arange(seq_len)
+    is_text = positions < text_len
+    image_index = (positions - text_len).clamp(min=0)
+    grid = torch.linspace(-1.0, 1.0, fmap_size)
+    text_pos = torch.where(is_text, positions, torch.full_like(positions, 8192)).float()
+    row_pos = torch.where(is_text, torch.tensor(-10.0), grid[image_index // fmap_size])
+    col_pos = torch.where(is_text, torch.tensor(-10.0), grid[image_index % fmap_size])
+    text_freqs = 1.0 / (10000 ** (torch.arange(0, part, 2).float() / part))
+    pixel_freqs = torch.linspace(1.0, 5.0, part // 2) * math.pi
+    angles = torch.cat(
+        (
+            text_pos[:, None] * text_freqs,
+            row_pos[:, None] * pixel_freqs,
+            col_pos[:, None] * pixel_freqs,
+        ),
+        dim=-1,
+    )  # [seq_len, 3 * part / 2]
+    angles = torch.cat((angles, angles), dim=-1)  # [seq_len, 3 * part], half-split layout
+    return angles.cos(), angles.sin()
+
+
+class TokenShift(nn.Module):
+    """Mixes in features of neighbouring tokens (upstream ``shift_tokens``).
+
+    Text: the first half of the features comes from the previous token. Image: the first
+    quarter from the code above, the second quarter from the code to the left (zeros at the
+    edges). Index tables ``[seq_len]`` (-1 = zeros) make it one gather that works the same on
+    a whole sequence and on a cached generation step.
+    """
+
+    def __init__(self, dim: int, text_len: int, fmap_size: int):
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f"shift_tokens needs dim divisible by 4, got {dim}")
+        self.quarter = dim // 4
+        seq_len = text_len + fmap_size**2 - 1
+        positions = torch.arange(seq_len)
+        image_index = positions - text_len
+        row, col = image_index // fmap_size, image_index % fmap_size
+        is_text = positions < text_len
+        previous = positions - 1
+        above = torch.where(row > 0, positions - fmap_size, -1)
+        left = torch.where(col > 0, positions - 1, -1)
+        self.register_buffer("source_a", torch.where(is_text, previous, above), persistent=False)
+        self.register_buffer("source_b", torch.where(is_text, previous, left), persistent=False)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: BranchCache | None) -> Tensor:
+        n, q = x.shape[1], self.quarter  # x [B, n, dim]
+        history = x
+        if cache is not None:
+            cache.shifted_inputs[:, ctx.offset : ctx.offset + n] = x
+            history = cache.shifted_inputs[:, : ctx.offset + n]  # [B, offset + n, dim]
+        src_a = self.source_a[ctx.offset : ctx.offset + n]
+        src_b = self.source_b[ctx.offset : ctx.offset + n]
+        part_a = history[:, src_a.clamp(min=0), :q] * (src_a >= 0)[:, None].to(x.dtype)
+        part_b = history[:, src_b.clamp(min=0), q : 2 * q] * (src_b >= 0)[:, None].to(x.dtype)
+        return torch.cat((part_a, part_b, x[..., 2 * q :]), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention over one `AttentionPattern`; the kernel comes per call."""
+
+    def __init__(
+        self, dim: int, pattern: AttentionPattern, heads: int, dim_head: int, dropout: float,
+        kernels: KernelSelector,
+    ):
+        super().__init__()
+        self.pattern, self.heads, self.dim_head, self.kernels = pattern, heads, dim_head, kernels
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: BranchCache | None) -> Tensor:
+        b, n, _ = x.shape
+        qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, H, n, D] each
+        if ctx.rotary is not None:
+            q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
+        if cache is not None:
+            end = ctx.offset + n
+            cache.k[:, :, ctx.offset : end] = k
+            cache.v[:, :, ctx.offset : end] = v
+            k, v = cache.k[:, :, :end], cache.v[:, :, :end]  # [B, H, offset + n, D]
+        decoding = ctx.offset > 0 or k.shape[-2] != n
+        kernel = self.kernels.select(self.pattern.kind, q, decoding)
+        out = kernel(q, k, v, self.pattern, q_offset=ctx.offset, key_padding_mask=ctx.key_padding_mask)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # [B, n, dim]
+
+
+class Shifted(nn.Module):
+    """Token shift (optional) in front of a branch; passes the context to attention only."""
+
+    def __init__(self, fn: nn.Module, shift: TokenShift | None):
+        super().__init__()
+        self.fn, self.shift = fn, shift
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: BranchCache | None) -> Tensor:
+        if self.shift is not None:
+            x = self.shift(x, ctx, cache)
+        if isinstance(self.fn, Attention):
+            return self.fn(x, ctx, cache)
+        return self.fn(x)
+
+
+class Transformer(nn.Module):
+    """``depth`` pre-norm layers of (attention, GEGLU feed-forward), each branch layer-scaled.
+
+    ``attn_types`` cycles over the layers; ``shared_attn_ids`` / ``shared_ff_ids`` (cycled too)
+    make layers with the same id share one attention / feed-forward module (shared attention
+    must have the same type).
+    """
+
+    def __init__(
+        self, *, dim: int, depth: int, text_len: int, fmap_size: int, heads: int, dim_head: int,
+        attn_dropout: float, ff_dropout: float, attn_types: tuple[str, ...], attn_kernel: str,
+        sandwich_norm: bool, shift_tokens: bool, rotary_emb: bool, reversible: bool,
+        activation_checkpointing: bool, shared_attn_ids=None, shared_ff_ids=None,
+    ):
+        super().__init__()
+        self.patterns = [
+            AttentionPattern(kind, text_len, fmap_size) for kind, _ in zip(cycle(attn_types), range(depth))
+        ]
+        self.kernels = KernelSelector(attn_kernel, {p.kind for p in self.patterns})
+        attn_ids = cycle(shared_attn_ids if shared_attn_ids is not None else range(depth))
+        ff_ids = cycle(shared_ff_ids if shared_ff_ids is not None else range(depth))
+        shared_attn: dict = {}
+        shared_ff: dict = {}
+        self.shift = TokenShift(dim, text_len, fmap_size) if shift_tokens else None
+        self.attn_branches, self.ff_branches = nn.ModuleList(), nn.ModuleList()
+        for index, (pattern, attn_id, ff_id) in enumerate(zip(self.patterns, attn_ids, ff_ids)):
+            if attn_id not in shared_attn:
+                attn = Attention(dim, pattern, heads, dim_head, attn_dropout, self.kernels)
+                shared_attn[attn_id] = attn
+            attn = shared_attn[attn_id]
+            if attn.pattern.kind != pattern.kind:
+                raise ValueError(
+                    f"layer {index} shares attention id {attn_id!r} with a '{attn.pattern.kind}' "
+                    f"layer but is '{pattern.kind}': attn_types do not match shared_attn_ids"
+                )
+            ff = shared_ff.setdefault(ff_id, FeedForward(dim, dropout=ff_dropout))
+            self.attn_branches.append(
+                LayerScale(dim, index + 1, PreNorm(dim, Shifted(attn, self.shift), sandwich_norm))
+            )
+            self.ff_branches.append(
+                LayerScale(dim, index + 1, PreNorm(dim, Shifted(ff, self.shift), sandwich_norm))
+            )
+        self.heads, self.dim_head, self.dim = heads, dim_head, dim
+        self.reversible = ReversibleSequence(self.attn_branches, self.ff_branches) if reversible else None
+        self.activation_checkpointing = activation_checkpointing
+        if rotary_emb:
+            cos, sin = rotary_tables(dim_head, text_len, fmap_size)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        else:
+            self.rotary_cos = self.rotary_sin = None
+
+    def new_cache(self, batch: int, max_len: int, like: Tensor) -> list[LayerCache]:
+        """Preallocate a cache for ``batch`` rows of up to ``max_len`` positions."""
+        def branch(attention: bool) -> BranchCache:
+            kv_shape = (batch, self.heads, max_len, self.dim_head)
+            shift_shape = (batch, max_len, self.dim)
+            return BranchCache(
+                k=like.new_empty(kv_shape) if attention else None,
+                v=like.new_empty(kv_shape) if attention else None,
+                shifted_inputs=like.new_empty(shift_shape) if self.shift is not None else None,
+            )
+
+        return [LayerCache(branch(True), branch(False)) for _ in self.attn_branches]
+
+    def context(self, offset: int, n: int, key_padding_mask: Tensor | None) -> ForwardContext:
+        rotary = None
+        if self.rotary_cos is not None:
+            rotary = (self.rotary_cos[offset : offset + n], self.rotary_sin[offset : offset + n])
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask[:, : offset + n]
+        return ForwardContext(offset, key_padding_mask, rotary)
+
+    def forward(
+        self, x: Tensor, *, offset: int = 0, key_padding_mask: Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+    ) -> Tensor:
+        """``x [B, n, dim]`` at positions ``offset ..`` -> ``[B, n, dim]``."""
+        ctx = self.context(offset, x.shape[1], key_padding_mask)
+        if self.reversible is not None:
+            return self.reversible(x, ctx, cache)
+        for index, (attn, ff) in enumerate(zip(self.attn_branches, self.ff_branches)):
+            layer_cache = cache[index] if cache is not None else None
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(self._layer, attn, ff, x, ctx, layer_cache, use_reentrant=False)
+            else:
+                x = self._layer(attn, ff, x, ctx, layer_cache)
+        return x
+
+    @staticmethod
+    def _layer(attn, ff, x, ctx, layer_cache: LayerCache | None) -> Tensor:
+        x = x + attn(x, ctx=ctx, cache=layer_cache.attn if layer_cache else None)
+        return x + ff(x, ctx=ctx, cache=layer_cache.ff if layer_cache else None)

@@ -1,0 +1,147 @@
+"""Generation: the key/value cache, guidance, priming, CLIP ranking and text continuation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TEXT_SEQ_LEN, tiny_dalle
+
+from dalle_core import CLIP
+from dalle_core.sampling import gumbel_sample, top_k_filter, top_p_filter
+from dalle_core.tokenizers import ByteTokenizer
+
+ALL_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
+
+
+def generate(dalle, text, seed, **kwargs):
+    return dalle.generate_image_codes(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.mark.parametrize("attn_type", ALL_TYPES)
+@pytest.mark.parametrize("options", [{}, {"rotary_emb": False, "shift_tokens": False},
+                                     {"reversible": True}])
+def test_cached_equals_uncached_for_every_attention_type(text, attn_type, options):
+    dalle = tiny_dalle(attn_types=(attn_type, "full"), **options).double()
+    cached = generate(dalle, text, 7, use_cache=True)
+    uncached = generate(dalle, text, 7, use_cache=False)
+    assert cached.shape == (2, 16)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"cond_scale": 3.0},
+    {"mask": torch.tensor([[True] * 6, [True] * 3 + [False] * 3])},
+    {"img": torch.rand(2, 3, 16, 16), "num_init_img_tokens": 5},
+    {"cond_scale": 2.0, "top_p": 0.9, "temperature": 0.7, "filter_thres": 0.2},
+])
+def test_cached_equals_uncached_with_guidance_masks_and_priming(text, kwargs):
+    dalle = tiny_dalle(attn_types=ALL_TYPES).double()
+    if "img" in kwargs:
+        kwargs = {**kwargs, "img": kwargs["img"].double()}
+    assert torch.equal(generate(dalle, text, 11, **kwargs), generate(dalle, text, 11, use_cache=False, **kwargs))
+
+
+def test_guided_rows_equal_separate_conditional_and_unconditional_runs(text):
+    """Guidance in one batch == logits of the two rows computed apart (no cache leak)."""
+    dalle = tiny_dalle().double().eval()
+    codes = generate(dalle, text, 3, cond_scale=2.5, temperature=0.0)
+    # replay greedily: each code is argmax of uncond + 2.5 * (cond - uncond) from separate runs
+    for position in range(16):
+        prefix = codes[:, :position]
+        cond = dalle(text, prefix)[:, -1, -32:]
+        uncond = dalle(torch.zeros_like(text), prefix)[:, -1, -32:]
+        expected = (uncond + (cond - uncond) * 2.5).argmax(dim=-1)
+        assert torch.equal(codes[:, position], expected), position
+
+
+def test_priming_keeps_the_first_codes(text):
+    dalle = tiny_dalle()
+    img = torch.rand(2, 3, 16, 16)
+    codes = generate(dalle, text, 0, img=img, num_init_img_tokens=6)
+    assert torch.equal(codes[:, :6], dalle.vae.get_codebook_indices(img)[:, :6])
+
+
+def test_inputs_are_never_modified(text):
+    dalle = tiny_dalle()
+    mask = text != 0
+    img = torch.rand(2, 3, 16, 16)
+    before = (text.clone(), mask.clone(), img.clone())
+    dalle.generate_images(text, mask=mask, img=img, cond_scale=3.0)
+    assert torch.equal(text, before[0]) and torch.equal(mask, before[1]) and torch.equal(img, before[2])
+
+
+def test_same_generator_seed_same_images_and_mode_is_restored(text):
+    dalle = tiny_dalle(ff_dropout=0.3).train()
+    first = dalle.generate_images(text, generator=torch.Generator().manual_seed(1))
+    second = dalle.generate_images(text, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, second)
+    assert dalle.training
+    assert first.shape == (2, 3, 16, 16) and 0 <= first.min() and first.max() <= 1
+
+
+def test_clip_ranking_returns_images_and_scores(text):
+    clip = CLIP(dim_text=16, dim_image=16, dim_latent=16, num_text_tokens=50, text_enc_depth=1,
+                text_seq_len=TEXT_SEQ_LEN, text_heads=2, visual_enc_depth=1, visual_image_size=16,
+                visual_patch_size=4, visual_heads=2)
+    images, scores = tiny_dalle().generate_images(text, mask=text != 0, clip=clip)
+    assert images.shape == (2, 3, 16, 16) and scores.shape == (2,)
+
+
+def test_generate_texts_continues_strings_with_the_saved_tokenizer(tmp_path):
+    dalle = tiny_dalle(num_text_tokens=257, tokenizer=ByteTokenizer())
+    dalle.save_pretrained(tmp_path)
+    loaded = type(dalle).from_pretrained(tmp_path)
+    tokens, texts = loaded.generate_texts("ab", generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (1, TEXT_SEQ_LEN)
+    assert tokens[0, :2].tolist() == ByteTokenizer().encode("ab")
+    assert texts[0].startswith("ab") and isinstance(texts[0], str)
+    assert ((tokens >= 0) & (tokens < 257)).all()
+
+
+def test_generate_texts_cached_equals_uncached_and_feeds_generate_images():
+    dalle = tiny_dalle().double()
+    prompt = torch.tensor([[5, 9]])
+    cached, _ = dalle.generate_texts(prompt, generator=torch.Generator().manual_seed(2))
+    uncached, _ = dalle.generate_texts(prompt, use_cache=False, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(cached, uncached)
+    assert dalle.generate_images(cached).shape == (1, 3, 16, 16)
+
+
+def test_generate_texts_from_nothing_and_needs_a_tokenizer_for_strings():
+    dalle = tiny_dalle()
+    tokens, texts = dalle.generate_texts()
+    assert tokens.shape == (1, TEXT_SEQ_LEN) and texts is None
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        dalle.generate_texts("a cat")
+
+
+def test_bad_generation_arguments(text):
+    dalle = tiny_dalle()
+    with pytest.raises(ValueError, match=r"num_init_img_tokens must be in \[0, 16\)"):
+        dalle.generate_images(text, img=torch.rand(2, 3, 16, 16), num_init_img_tokens=16)
+    with pytest.raises(ValueError, match="filter_thres"):
+        dalle.generate_images(text, filter_thres=1.0)
+    with pytest.raises(ValueError, match="text_seq_len=6"):
+        dalle.generate_images(text[:, :4])
+
+
+def test_top_k_keeps_the_largest_share():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    kept = top_k_filter(logits, 0.5)
+    assert torch.isinf(kept).tolist() == [[True, False, False, True]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = top_p_filter(logits, 0.75)
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.1)).sum() == 1
+
+
+def test_gumbel_sampling_follows_the_distribution():
+    probs = torch.tensor([0.7, 0.2, 0.1])
+    logits = probs.log().expand(20000, 3)
+    draws = gumbel_sample(logits, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=3).float() / 20000
+    torch.testing.assert_close(freq, probs, atol=0.02, rtol=0)
+    assert torch.equal(gumbel_sample(logits[:2], 0.0, None), torch.tensor([0, 0]))
