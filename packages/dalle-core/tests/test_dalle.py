@@ -228,7 +228,8 @@ def test_named_kernel_is_used_and_flex_falls_back_to_sdpa_on_cpu_training(text):
 @pytest.mark.parametrize("bad, message", [
     (lambda d: d(torch.randint(1, 50, (2, 5)), torch.randint(0, 32, (2, 16))), "text_seq_len=6"),
     (lambda d: d(torch.randint(1, 50, (2, 6)).float(), torch.randint(0, 32, (2, 16))), "LongTensor"),
-    (lambda d: d(torch.full((2, 6), 50), torch.randint(0, 32, (2, 16))), r"text token ids must be in \[0, 50\)"),
+    (lambda d: d(torch.full((2, 6), 50), torch.randint(0, 32, (2, 16))),
+     r"text token ids must be in \[0, 50\)"),
     (lambda d: d(torch.randint(1, 50, (2, 6)), torch.rand(2, 3, 32, 32)), r"\[batch, 3, 16, 16\]"),
     (lambda d: d(torch.randint(1, 50, (2, 6)), torch.rand(2, 4, 16, 16)), r"\[batch, 3, 16, 16\]"),
     (lambda d: d(torch.randint(1, 50, (2, 6)), torch.full((2, 16), 32)), r"image codes must be in \[0, 32\)"),

@@ -18,8 +18,9 @@ def generate(dalle, text, seed, **kwargs):
 
 
 @pytest.mark.parametrize("attn_type", ALL_TYPES)
-@pytest.mark.parametrize("options", [{}, {"rotary_emb": False, "shift_tokens": False},
-                                     {"reversible": True}])
+@pytest.mark.parametrize(
+    "options", [{}, {"rotary_emb": False, "shift_tokens": False}, {"reversible": True}]
+)
 def test_cached_equals_uncached_for_every_attention_type(text, attn_type, options):
     dalle = tiny_dalle(attn_types=(attn_type, "full"), **options).double()
     cached = generate(dalle, text, 7, use_cache=True)
@@ -38,7 +39,8 @@ def test_cached_equals_uncached_with_guidance_masks_and_priming(text, kwargs):
     dalle = tiny_dalle(attn_types=ALL_TYPES).double()
     if "img" in kwargs:
         kwargs = {**kwargs, "img": kwargs["img"].double()}
-    assert torch.equal(generate(dalle, text, 11, **kwargs), generate(dalle, text, 11, use_cache=False, **kwargs))
+    cached = generate(dalle, text, 11, **kwargs)
+    assert torch.equal(cached, generate(dalle, text, 11, use_cache=False, **kwargs))
 
 
 def test_guided_rows_equal_separate_conditional_and_unconditional_runs(text):
