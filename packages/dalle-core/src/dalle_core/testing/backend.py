@@ -1,0 +1,93 @@
+"""The conformance suite every distributed backend must pass, run as a single process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dalle_core.interfaces import DistributedBackend
+
+
+class BackendConformance:
+    """A `DistributedBackend` in a world of one process: subclass it and define
+    `make_backend`::
+
+        class TestMyBackend(BackendConformance):
+            def make_backend(self):
+                return MyBackend()
+
+    The ``backend`` fixture initialises it; override the fixture to set the launcher's
+    environment first (``MASTER_ADDR`` ...) or to leave the process group afterwards.
+    """
+
+    def make_backend(self) -> DistributedBackend:
+        """The backend under test, not yet initialised."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_backend()")
+
+    @pytest.fixture
+    def backend(self) -> DistributedBackend:
+        backend = self.make_backend()
+        backend.initialize()
+        return backend
+
+    def model_and_optimizer(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def test_world_of_one(self, backend: DistributedBackend) -> None:
+        assert isinstance(backend, DistributedBackend)
+        assert backend.plugin_name, "plugin_name is the name the backend is registered under"
+        assert (backend.world_size, backend.rank, backend.local_rank) == (1, 0, 0)
+        assert backend.is_root is True
+
+    def test_barrier(self, backend: DistributedBackend) -> None:
+        backend.barrier()
+
+    def test_wrap_and_step(self, backend: DistributedBackend) -> None:
+        model, optimizer = self.model_and_optimizer()
+        before = [p.detach().clone() for p in model.parameters()]
+        model, optimizer = backend.wrap(model, optimizer)
+        device = next(model.parameters()).device
+        inputs = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)).to(device)
+        model(inputs).pow(2).mean().backward()
+        optimizer.step()
+        after = [p.detach().cpu() for p in model.parameters()]
+        assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+    def test_wrap_without_optimizer(self, backend: DistributedBackend) -> None:
+        model, _ = self.model_and_optimizer()
+        wrapped, optimizer = backend.wrap(model, None)
+        assert optimizer is None
+        device = next(wrapped.parameters()).device
+        assert wrapped(torch.zeros(1, 4, device=device)).shape == (1, 2)
+
+    def test_average_is_identity_and_copies(self, backend: DistributedBackend) -> None:
+        for value in (torch.tensor(2.5), torch.tensor([1.0, -2.0, 3.0])):
+            original = value.clone()
+            averaged = backend.average(value)
+            torch.testing.assert_close(averaged.cpu(), original)
+            averaged.add_(1)
+            assert torch.equal(value, original), "average changed its input"
+
+    def test_checkpoint_round_trip(self, backend: DistributedBackend, tmp_path: Path) -> None:
+        model, optimizer = self.model_and_optimizer()
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": 3,
+            "rng": torch.get_rng_state(),
+        }
+        path = tmp_path / "state.pt"
+        backend.save_checkpoint(state, path)
+        loaded = backend.load_checkpoint(path)
+        assert loaded["step"] == 3
+        assert torch.equal(loaded["rng"], state["rng"])
+        for key, tensor in state["model"].items():
+            assert torch.equal(loaded["model"][key], tensor), key
+        assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
