@@ -13,7 +13,7 @@ TORCH = "torch==2.13.0"
 CONSTRAINTS = str(ROOT / ".ci" / "constraints.txt")
 PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").is_file())
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "demo_smoke"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -43,6 +43,13 @@ def demo(session: nox.Session) -> None:
     """The main job on the built-in dataset: train small models, generate, write images."""
     install(session, str(ROOT / "packages" / "dalle-core"), "pillow", "tqdm")
     session.run("python", str(ROOT / "scripts" / "demo.py"), *session.posargs)
+
+
+@nox.session
+def demo_smoke(session: nox.Session) -> None:
+    """The demo in its quick mode, as a test (scripts/tests)."""
+    install(session, str(ROOT / "packages" / "dalle-core"), "pillow", "tqdm", "pytest")
+    session.run("python", "-m", "pytest", str(ROOT / "scripts" / "tests"), *session.posargs)
 
 
 @nox.session
