@@ -133,6 +133,20 @@ def _layers_params_grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def _use_stored_activations(dalle):
+    """Swap the reversible backward for plain autograd over the same two-stream function."""
+    reference = dalle.transformer.reversible
+
+    def plain(x, ctx, cache=None):
+        y1 = y2 = x
+        for f, g in zip(reference.f_blocks, reference.g_blocks):
+            y1 = y1 + f(y2, ctx=ctx, cache=None)
+            y2 = y2 + g(y1, ctx=ctx, cache=None)
+        return (y1 + y2) / 2
+
+    dalle.transformer.reversible = plain
+
+
 def test_reversible_backward_matches_plain_autograd(text):
     """The reversible backward (inputs rebuilt from outputs) gives autograd's gradients."""
     torch.manual_seed(0)
@@ -141,16 +155,7 @@ def test_reversible_backward_matches_plain_autograd(text):
     dalle(text, codes, return_loss=True).backward()
     reversible_grads = _layers_params_grads(dalle)
     dalle.zero_grad()
-    reference = dalle.transformer.reversible
-
-    def plain(x, ctx, cache=None):  # the same two-stream function, stored activations
-        y1 = y2 = x
-        for f, g in zip(reference.f_blocks, reference.g_blocks):
-            y1 = y1 + f(y2, ctx=ctx, cache=None)
-            y2 = y2 + g(y1, ctx=ctx, cache=None)
-        return (y1 + y2) / 2
-
-    dalle.transformer.reversible = plain
+    _use_stored_activations(dalle)
     dalle(text, codes, return_loss=True).backward()
     plain_grads = _layers_params_grads(dalle)
     assert reversible_grads.keys() == plain_grads.keys()
@@ -168,16 +173,7 @@ def test_reversible_replays_dropout_exactly(text):
     assert all(torch.isfinite(g).all() for g in grads.values())
     # the stored-activation version with the same random draws gives the same gradients
     dalle.zero_grad()
-    reference = dalle.transformer.reversible
-
-    def plain(x, ctx, cache=None):
-        y1 = y2 = x
-        for f, g in zip(reference.f_blocks, reference.g_blocks):
-            y1 = y1 + f(y2, ctx=ctx, cache=None)
-            y2 = y2 + g(y1, ctx=ctx, cache=None)
-        return (y1 + y2) / 2
-
-    dalle.transformer.reversible = plain
+    _use_stored_activations(dalle)
     torch.manual_seed(1)
     dalle(text, codes, return_loss=True).backward()
     for name, grad in _layers_params_grads(dalle).items():
