@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from dalle_core.attention.kernels import AttentionKernel
+from dalle_core.attention.kernels import AttentionKernel, pattern_mask
 from dalle_core.attention.patterns import PATTERNS, AttentionPattern
 
 
@@ -75,9 +75,8 @@ def reference_attention(
     can be compared too. Every query must be left at least one key (position 0 always is).
     """
     q, k, v = (t.to("cpu", torch.float64) for t in (q, k, v))
-    mask = pattern.dense_mask(q.shape[-2], k.shape[-2], q_offset)  # [Nq, Nk]
-    if key_padding_mask is not None:
-        mask = mask & key_padding_mask.cpu()[:, None, None, :]  # [B, 1, Nq, Nk]
+    padding = key_padding_mask.cpu() if key_padding_mask is not None else None
+    mask = pattern_mask(pattern, q.shape[-2], k.shape[-2], q_offset, padding, "cpu")
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
 
