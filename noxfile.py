@@ -4,6 +4,8 @@ package pulls a different build."""
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import nox
@@ -23,11 +25,40 @@ def install(session: nox.Session, *args: str) -> None:
     session.install("-c", CONSTRAINTS, *args)
 
 
+def pyproject(package: str) -> dict:
+    """The parsed pyproject.toml of packages/<package>."""
+    return tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())
+
+
+def sibling_dependencies(package: str) -> list[str]:
+    """Paths of the in-repo packages that <package> depends on, transitively (they are not on
+    PyPI, so pip is given their folders)."""
+    found: list[str] = []
+    for requirement in pyproject(package)["project"].get("dependencies", []):
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("_", "-")
+        if name in PACKAGES and name not in found:
+            found += [dep for dep in sibling_dependencies(name) if dep not in found] + [name]
+    return found
+
+
+def extra_install_steps(package: str, when: str) -> list[list[str]]:
+    """pip argument lists from [tool.dalle.install] `before`/`after` in a package's pyproject:
+    for dependencies that cannot be declared (a build needing --no-build-isolation, a wheel whose
+    metadata pulls a package with no CPU build, installed with --no-deps)."""
+    return pyproject(package).get("tool", {}).get("dalle", {}).get("install", {}).get(when, [])
+
+
 @nox.session
 @nox.parametrize("package", PACKAGES)
 def tests(session: nox.Session, package: str) -> None:
     """Run one package's tests in an environment with only it and its dependencies."""
-    install(session, f"{ROOT / 'packages' / package}[test]")
+    session.install(TORCH)
+    for step in extra_install_steps(package, "before"):
+        session.install("-c", CONSTRAINTS, *step)
+    siblings = [str(ROOT / "packages" / name) for name in sibling_dependencies(package)]
+    install(session, *siblings, f"{ROOT / 'packages' / package}[test]")
+    for step in extra_install_steps(package, "after"):
+        session.install("-c", CONSTRAINTS, *step)
     session.run("python", "-m", "pytest", str(ROOT / "packages" / package / "tests"), *session.posargs)
 
 
