@@ -1,0 +1,61 @@
+"""``dalle-train clip``: train CLIP on image-text pairs (the upstream project had no script).
+
+The tokenizer is saved in ``OUT/tokenizer``; rank a DALLE's images with a CLIP trained on the
+same tokenizer (``dalle-train generate --clip-path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dalle_core import CLIP
+from dalle_core.plugins import load_tokenizer
+from dalle_train.choices import add_tokenizer_flags, tokenizer_from_args
+from dalle_train.commands.common import add_data_flags, add_run_flags, add_training_flags, fit, prepare_run
+from dalle_train.datasets import captioned_dataset, make_batches, split_held_out
+from dalle_train.flags import add_flag
+from dalle_train.tasks.clip import ClipTask
+
+TOKENIZER_DIR = "tokenizer"
+MODEL_FLAGS = ("dim_text", "dim_image", "dim_latent", "text_enc_depth", "text_heads", "text_seq_len",
+               "visual_enc_depth", "visual_heads", "visual_image_size", "visual_patch_size")
+FIXED = frozenset(MODEL_FLAGS) | {"tokenizer", "bpe_path", "hug", "chinese", "transparent",
+                                  "dataset", "dataset_size", "image_text_folder", "eval_size"}
+
+
+def register(subparsers: Any) -> None:
+    """Add ``dalle-train clip``."""
+    parser = subparsers.add_parser("clip", help="train CLIP on image-text pairs",
+                                   description=__doc__.split("\n\n")[0])
+    add_data_flags(parser, folder_flag="--image-text-folder", captions=True)
+    add_tokenizer_flags(parser)
+    model = parser.add_argument_group("model")
+    for name, default in (("dim-text", 512), ("dim-image", 512), ("dim-latent", 512), ("text-enc-depth", 6),
+                          ("text-heads", 8), ("text-seq-len", 256), ("visual-enc-depth", 6),
+                          ("visual-heads", 8), ("visual-image-size", 256), ("visual-patch-size", 32)):
+        add_flag(model, f"--{name}", type=int, default=default, help=f"(default {default})")
+    add_flag(parser, "--eval-size", type=int, default=32,
+             help="pairs held out of training to measure retrieval accuracy (default 32)")
+    add_run_flags(parser, default_out="clip-run")
+    add_training_flags(parser, batch_size=32, learning_rate=3e-4, clip_grad_norm=1.0, schedule="cosine")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; returns the exit code."""
+    run_ = prepare_run(args, FIXED)
+    if run_.resume_from is not None:
+        model = CLIP.from_pretrained(run_.resume_from)
+        tokenizer = load_tokenizer(run_.out / TOKENIZER_DIR)
+    else:
+        tokenizer = tokenizer_from_args(args)
+        model = CLIP(num_text_tokens=tokenizer.vocab_size, channels=4 if args.transparent else 3,
+                     **{key: getattr(args, key) for key in MODEL_FLAGS})
+        tokenizer.save_pretrained(run_.out / TOKENIZER_DIR)
+    model = model.to(run_.device)
+    if args.compile:
+        model.compile()
+    dataset = captioned_dataset(args, image_size=model.visual_image_size, channels=model.channels)
+    train_set, held = split_held_out(dataset, args.eval_size)
+    return fit(ClipTask(model, tokenizer, args, run_.device, held), make_batches(train_set, args), args, run_)

@@ -1,0 +1,73 @@
+"""``dalle-train vae``: train a DiscreteVAE on a folder of images (or the built-in shapes).
+
+The flags of upstream ``train_vae.py`` are accepted in their spelling too; the Gumbel
+temperature anneals as there (``--starting_temp``, ``--temp_min``, ``--anneal_rate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dalle_core import DiscreteVAE
+from dalle_train.commands.common import add_data_flags, add_run_flags, add_training_flags, fit, prepare_run
+from dalle_train.datasets import image_dataset, make_batches
+from dalle_train.errors import TrainError
+from dalle_train.flags import add_flag
+from dalle_train.tasks.vae import VaeTask
+
+#: flags that shape the model (they must match the checkpoint when resuming)
+FIXED = frozenset({
+    "image_size", "num_tokens", "num_layers", "num_resnet_blocks", "emb_dim", "hidden_dim",
+    "smooth_l1_loss", "kl_loss_weight", "straight_through", "reinmax", "transparent",
+    "dataset", "dataset_size", "image_folder",
+})
+
+
+def register(subparsers: Any) -> None:
+    """Add ``dalle-train vae``."""
+    parser = subparsers.add_parser("vae", help="train a discrete VAE on images",
+                                   description=__doc__.split("\n\n")[0])
+    add_data_flags(parser, folder_flag="--image-folder", captions=False)
+    model = parser.add_argument_group("model (defaults as upstream train_vae.py)")
+    add_flag(model, "--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    add_flag(model, "--num-tokens", type=int, default=8192, help="codebook size (default 8192)")
+    add_flag(model, "--num-layers", type=int, default=3, help="downsamplings: codes per side = size / 2**layers")
+    add_flag(model, "--num-resnet-blocks", type=int, default=2, help="(default 2)")
+    add_flag(model, "--emb-dim", type=int, default=512, help="codebook dimension (default 512)")
+    add_flag(model, "--hidden-dim", type=int, default=256, help="(default 256)")
+    add_flag(model, "--smooth-l1-loss", action="store_true", help="smooth L1 instead of MSE")
+    add_flag(model, "--kl-loss-weight", type=float, default=0.0, help="weight of the KL to uniform codes")
+    add_flag(model, "--straight-through", action="store_true", help="hard Gumbel-softmax samples")
+    add_flag(model, "--reinmax", action="store_true", help="ReinMax gradient estimator")
+    anneal = parser.add_argument_group("temperature annealing (as upstream)")
+    add_flag(anneal, "--starting-temp", type=float, default=1.0, help="(default 1.0)")
+    add_flag(anneal, "--temp-min", type=float, default=0.5, help="(default 0.5)")
+    add_flag(anneal, "--anneal-rate", type=float, default=1e-6, help="(default 1e-6)")
+    add_flag(parser, "--num-images-save", type=int, default=4, help="images in each reconstruction grid")
+    add_run_flags(parser, default_out="vae-run")
+    add_training_flags(parser, batch_size=8, learning_rate=1e-3, clip_grad_norm=None, schedule="exponential")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; returns the exit code."""
+    run_ = prepare_run(args, FIXED)
+    if args.image_size % 2 ** args.num_layers:
+        raise TrainError(f"--image-size {args.image_size} must be divisible by 2**--num-layers "
+                         f"({2 ** args.num_layers})")
+    if run_.resume_from is not None:
+        model = DiscreteVAE.from_pretrained(run_.resume_from)
+    else:
+        model = DiscreteVAE(
+            image_size=args.image_size, num_tokens=args.num_tokens, codebook_dim=args.emb_dim,
+            num_layers=args.num_layers, num_resnet_blocks=args.num_resnet_blocks, hidden_dim=args.hidden_dim,
+            channels=4 if args.transparent else 3, smooth_l1_loss=args.smooth_l1_loss,
+            kl_div_loss_weight=args.kl_loss_weight, straight_through=args.straight_through,
+            reinmax=args.reinmax,
+        )
+    model = model.to(run_.device)
+    if args.compile:
+        model.compile()
+    dataset = image_dataset(args, image_size=model.image_size, channels=model.channels)
+    return fit(VaeTask(model, args, run_.device, dataset), make_batches(dataset, args), args, run_)

@@ -1,0 +1,86 @@
+"""The dataset a training command reads, from its flags: a folder or ``--dataset shapes``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from dalle_train.data.folder import ImageFolder, ImageTextFolder
+from dalle_train.data.loader import Batches
+from dalle_train.data.report import SkipReport
+from dalle_train.data.shapes import ShapesDataset
+from dalle_train.errors import TrainError
+
+
+def _source(args: argparse.Namespace, folder: Path | None, flag: str) -> str:
+    if folder is not None and args.dataset:
+        raise TrainError(f"{flag} and --dataset {args.dataset} both name a dataset: give one")
+    if folder is None and not args.dataset:
+        raise TrainError(f"no data: give {flag} DIR or --dataset shapes (built in, no download)")
+    return "shapes" if args.dataset else "folder"
+
+
+def _shapes(args: argparse.Namespace, image_size: int, channels: int) -> ShapesDataset:
+    if channels != 3:
+        raise TrainError(f"--dataset shapes has RGB pictures; the model wants {channels} channels")
+    return ShapesDataset(args.dataset_size, seed=args.seed, image_size=image_size)
+
+
+def _announce(dataset: Any, what: str, report: SkipReport) -> None:
+    skipped = f" ({report.summary()})" if report.count() else ""
+    print(f"{len(dataset)} {what} in {dataset.root}{skipped}")
+
+
+def captioned_dataset(args: argparse.Namespace, image_size: int, channels: int) -> Any:
+    """``--image-text-folder`` or ``--dataset shapes``, at the model's image size."""
+    folder = args.image_text_folder
+    if _source(args, folder, "--image-text-folder") == "shapes":
+        return _shapes(args, image_size, channels)
+    report = SkipReport()
+    dataset = ImageTextFolder(Path(folder), image_size, channels, args.random_resize_crop_lower_ratio,
+                              seed=args.seed, report=report)
+    _announce(dataset, "image-text pairs", report)
+    return dataset
+
+
+def image_dataset(args: argparse.Namespace, image_size: int, channels: int) -> Any:
+    """``--image-folder`` or ``--dataset shapes`` (captions unused), for the VAE."""
+    folder = args.image_folder
+    if _source(args, folder, "--image-folder") == "shapes":
+        return _shapes(args, image_size, channels)
+    report = SkipReport()
+    dataset = ImageFolder(Path(folder), image_size, channels, resize_ratio=1.0, seed=args.seed, report=report)
+    _announce(dataset, "images", report)
+    return dataset
+
+
+class Part:
+    """Items ``indices`` of a dataset with ``load(index, epoch)``, indexed from 0."""
+
+    def __init__(self, dataset: Any, indices: range) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int, epoch: int) -> Any:
+        return self.dataset.load(self.indices[index], epoch)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.load(index, 0)
+
+
+def split_held_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
+    """The dataset without its last ``count`` items, and those items (epoch 0, usable ones)."""
+    count = max(0, min(count, len(dataset) // 5))
+    train = Part(dataset, range(len(dataset) - count))
+    held = [dataset.load(i, 0) for i in range(len(dataset) - count, len(dataset))]
+    return train, [sample for sample in held if sample is not None]
+
+
+def make_batches(dataset: Any, args: argparse.Namespace) -> Batches:
+    """Shuffled, resumable micro-batches of ``--batch-size``."""
+    if len(dataset) < args.batch_size:
+        raise TrainError(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} samples)")
+    return Batches(dataset, args.batch_size, seed=args.seed, num_workers=args.num_workers)

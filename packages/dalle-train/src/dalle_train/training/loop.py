@@ -1,0 +1,209 @@
+"""The training loop shared by the VAE, DALLE and CLIP commands.
+
+A `Task` says what one micro-batch's loss is and what pictures to write; `train` does the rest:
+gradient accumulation, mixed precision, clipping, the learning-rate schedule, the progress bar,
+metrics, sample pictures, atomic checkpoints, exact resumes, SIGINT/SIGTERM and NaN losses.
+
+The loop synchronises with the device only at logging and saving steps: losses accumulate in a
+device tensor and are read (and checked for NaN) every ``log_every`` steps and before every
+save, so a checkpoint always holds weights whose loss was finite.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from dalle_train.errors import TrainError
+from dalle_train.training.checkpoints import remove_partial, save_checkpoint
+from dalle_train.training.layout import CHECKPOINTS
+from dalle_train.training.metrics import MetricsLog
+from dalle_train.training.optim import Schedule
+from dalle_train.training.precision import Precision
+from dalle_train.training.rng import rng_state, set_rng_state
+from dalle_train.training.signals import StopRequest
+
+
+class Task(ABC):
+    """One model's training: the loss of a micro-batch and the pictures worth looking at."""
+
+    #: shown in the progress bar and the metrics
+    name: str = "model"
+    #: the module being trained (saved with ``save_pretrained`` at every checkpoint)
+    model: nn.Module
+    #: tokens one sample contributes (for tokens/s); 0 when not meaningful
+    tokens_per_sample: int = 0
+
+    @abstractmethod
+    def loss(self, batch: Any, step: int) -> Tensor:
+        """Scalar loss of one micro-batch at optimizer step ``step`` (runs under autocast)."""
+
+    def batch_size(self, batch: Any) -> int:
+        """Samples in ``batch`` (for samples/s)."""
+        return len(batch.images)
+
+    def status(self, step: int) -> dict[str, float]:
+        """Extra numbers for the progress bar and metrics at ``step`` (e.g. a temperature)."""
+        return {}
+
+    def write_samples(self, step: int, directory: Path) -> dict[str, Path | float]:
+        """Write pictures for ``step`` under ``directory``; returns metrics and PNG paths."""
+        return {}
+
+
+@dataclass
+class LoopSettings:
+    """How long and how to train (the command-line flags the loop needs)."""
+
+    precision: Precision
+    epochs: int = 20
+    max_steps: int | None = None
+    ga_steps: int = 1
+    clip_grad_norm: float | None = None
+    save_every: int = 1000
+    keep: int | None = None
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps the run makes: ``--max-steps``, else ``--epochs`` worth of batches."""
+        by_epochs = self.epochs * batches_per_epoch // self.ga_steps
+        return self.max_steps if self.max_steps is not None else max(by_epochs, 1)
+
+
+@dataclass
+class Outcome:
+    """How a run ended."""
+
+    step: int
+    checkpoint: Path | None
+    interrupted_by: int | None = None
+    last_loss: float | None = None
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train(
+    task: Task,
+    batches: Any,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    settings: LoopSettings,
+    out: Path,
+    metrics: MetricsLog,
+    run_config: dict[str, Any],
+    resume: dict[str, Any] | None = None,
+) -> Outcome:
+    """Train ``task.model`` on ``batches`` (an endless, resumable iterator of micro-batches).
+
+    ``resume`` is a saved training state (`dalle_train.training.checkpoints.load_state`);
+    ``run_config`` is stored with every checkpoint so a resumed run can check its flags.
+    """
+    model, checkpoints = task.model, out / CHECKPOINTS
+    remove_partial(checkpoints)
+    scaler = settings.precision.scaler()
+    total = settings.total_steps(batches.batches_per_epoch)
+    step = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        scaler.load_state_dict(resume["scaler"])
+        batches.load_state_dict(resume["data"])
+        set_rng_state(resume["rng"])
+        step = int(resume["step"])
+    if step >= total:
+        raise TrainError(f"the checkpoint is at step {step} and this run stops at step {total}: "
+                         f"raise --max-steps or --epochs to train further")
+
+    device = next(model.parameters()).device
+    running, micro_batches, samples, last_saved = torch.zeros((), device=device), 0, 0, None
+    last_loss, started = None, time.perf_counter()
+    params = _trainable(model)
+    items = iter(batches)
+    bar = tqdm(total=total, initial=step, desc=task.name, unit="step", dynamic_ncols=True, mininterval=0.5)
+
+    def save(at: int) -> Path:
+        state = {
+            "step": at, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(), "data": batches.state_dict(), "rng": rng_state(),
+            "run": run_config,
+        }
+        return save_checkpoint(checkpoints, at, model, state, settings.keep)
+
+    with StopRequest() as stop:
+        while step < total:
+            model.train()
+            lr = schedule.apply(step)
+            for _ in range(settings.ga_steps):
+                batch = next(items)
+                with settings.precision.autocast():
+                    loss = task.loss(batch, step)
+                scaler.scale(loss / settings.ga_steps).backward()
+                running += loss.detach().float()
+                micro_batches += 1
+                samples += task.batch_size(batch)
+            if settings.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            saving = step % settings.save_every == 0 or step == total or stop.requested
+            if saving or step % settings.log_every == 0:
+                last_loss = float(running / micro_batches)  # the only host sync
+                if not math.isfinite(last_loss):
+                    where = f"the last good checkpoint is {last_saved}" if last_saved else "none was saved"
+                    raise TrainError(
+                        f"the loss became {last_loss} by step {step}; {where}. Lower --learning-rate, "
+                        f"set --clip-grad-norm, or use --precision bf16/fp32", exit_code=3
+                    )
+                schedule.observe(last_loss)
+                seconds = max(time.perf_counter() - started, 1e-9)
+                rates = {"samples_per_s": samples / seconds}
+                if task.tokens_per_sample:
+                    rates["tokens_per_s"] = samples * task.tokens_per_sample / seconds
+                extra = task.status(step)
+                metrics.log(step, {"loss": last_loss, "lr": lr, "epoch": batches.epoch, **extra,
+                                   **{k: round(v, 2) for k, v in rates.items()}})
+                bar.set_postfix({"loss": f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in extra.items()},
+                                 "samples/s": f"{rates['samples_per_s']:.1f}"}, refresh=False)
+                running.zero_()
+                micro_batches = 0
+            if (settings.sample_every and step % settings.sample_every == 0) or step == total:
+                _write_samples(task, step, out, metrics)
+            if saving:
+                last_saved = save(step)
+            if stop.requested:
+                bar.close()
+                return Outcome(step, last_saved, stop.signum, last_loss)
+    bar.close()
+    return Outcome(step, last_saved, None, last_loss)
+
+
+def _write_samples(task: Task, step: int, out: Path, metrics: MetricsLog) -> None:
+    """Pictures from the model in eval mode, on their own random generators (the training
+    RNG stream is untouched, so writing samples never changes a run)."""
+    task.model.eval()
+    with torch.no_grad():
+        written = task.write_samples(step, out / "samples")
+    task.model.train()
+    numbers = {k: v for k, v in written.items() if isinstance(v, (int, float))}
+    if numbers:
+        metrics.log(step, numbers)
+    for name, value in written.items():
+        if isinstance(value, Path):
+            metrics.image(step, name, value)
+
