@@ -24,7 +24,10 @@ def _source(args: argparse.Namespace, folder: Path | None, flag: str) -> str:
 def _shapes(args: argparse.Namespace, image_size: int, channels: int) -> ShapesDataset:
     if channels != 3:
         raise TrainError(f"--dataset shapes has RGB pictures; the model wants {channels} channels")
-    return ShapesDataset(args.dataset_size, seed=args.seed, image_size=image_size)
+    try:
+        return ShapesDataset(args.dataset_size, seed=args.seed, image_size=image_size)
+    except ValueError as error:
+        raise TrainError(f"--dataset shapes: {error}") from error
 
 
 def _announce(dataset: Any, what: str, report: SkipReport) -> None:

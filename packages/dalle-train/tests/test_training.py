@@ -1,0 +1,201 @@
+"""The training commands end to end on tiny models: checkpoints, exact resume, interruptions,
+refusals. Everything runs on the CPU in a few seconds per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dalle_core import DiscreteVAE
+from safetensors.torch import load_file
+
+from dalle_train.cli import main
+from dalle_train.training.checkpoints import STATE_FILE
+from dalle_train.training.layout import CHECKPOINTS, LATEST, TRAINING_STATE
+
+TINY_VAE = ["--image-size", "32", "--num-layers", "3", "--num-tokens", "16", "--emb-dim", "8",
+            "--hidden-dim", "8", "--num-resnet-blocks", "0", "--batch-size", "4"]
+TINY_DALLE = ["--tokenizer", "bytes", "--text-seq-len", "48", "--dim", "16", "--depth", "2", "--heads", "2",
+              "--dim-head", "8", "--batch-size", "4"]
+SHAPES = ["--dataset", "shapes", "--dataset-size", "64", "--threads", "1", "--sample-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DiscreteVAE (32 px, 4x4 codes) saved as a model directory."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    DiscreteVAE(image_size=32, num_layers=3, num_tokens=16, codebook_dim=8, hidden_dim=8).save_pretrained(path)
+    return path
+
+
+def dalle_args(out: Path, vae_dir: Path, *extra: str) -> list[str]:
+    return ["dalle", *SHAPES, *TINY_DALLE, "--vae-path", str(vae_dir), "--output-dir", str(out), *extra]
+
+
+def weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(step_dir / "model.safetensors")
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
+
+
+def test_vae_run_writes_checkpoints_metrics_and_pictures(tmp_path: Path) -> None:
+    out = tmp_path / "vae"
+    argv = ["vae", *SHAPES, *TINY_VAE, "--max-steps", "4", "--save-every-n-steps", "2",
+            "--keep-n-checkpoints", "1", "--log-every", "1", "--output-dir", str(out)]
+    assert main(argv) == 0
+    checkpoints = out / CHECKPOINTS
+    assert sorted(p.name for p in checkpoints.iterdir()) == [LATEST, "step-4"]  # step-2 pruned
+    assert (checkpoints / LATEST).read_text().strip() == "step-4"
+    assert (checkpoints / "step-4" / TRAINING_STATE / STATE_FILE).is_file()
+    assert DiscreteVAE.from_pretrained(checkpoints / "step-4").num_tokens == 16
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    pictures = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert pictures == ["codebook-step-0000004.png", "vae-step-0000004.png"]
+
+
+def test_resume_reaches_the_same_weights_and_losses(tmp_path: Path, vae_dir: Path) -> None:
+    flags = ["--lr-schedule", "constant", "--log-every", "1", "--save-every-n-steps", "3"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(dalle_args(whole, vae_dir, *flags, "--max-steps", "6")) == 0
+    assert main(dalle_args(split, vae_dir, *flags, "--max-steps", "3")) == 0
+    # a resume takes every flag it is not given from the checkpoint
+    assert main(["dalle", "--resume", "--output-dir", str(split), "--max-steps", "6"]) == 0
+    assert_same_weights(whole / CHECKPOINTS / "step-6", split / CHECKPOINTS / "step-6")
+    assert losses(whole) == losses(split)
+
+
+def test_resume_refuses_different_model_flags(tmp_path: Path, vae_dir: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(dalle_args(out, vae_dir, "--max-steps", "1")) == 0
+    code = main(["dalle", "--resume", "--output-dir", str(out), "--dim", "32", "--depth", "3"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "--dim 32 (checkpoint: 16)" in error and "--depth 3 (checkpoint: 2)" in error
+    assert "--start-fresh" in error
+
+
+def test_existing_checkpoints_need_resume_or_start_fresh(tmp_path: Path, vae_dir: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(dalle_args(out, vae_dir, "--max-steps", "1")) == 0
+    assert main(dalle_args(out, vae_dir, "--max-steps", "1")) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(dalle_args(out, vae_dir, "--max-steps", "2", "--start-fresh")) == 0
+    assert (out / CHECKPOINTS / LATEST).read_text().strip() == "step-2"
+
+
+def test_corrupt_training_state_is_refused(tmp_path: Path, vae_dir: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(dalle_args(out, vae_dir, "--max-steps", "1")) == 0
+    state = out / CHECKPOINTS / "step-1" / TRAINING_STATE / STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    assert main(["dalle", "--resume", "--output-dir", str(out), "--max-steps", "2"]) == 2
+    assert "not a readable training state" in capsys.readouterr().err
+
+
+def test_half_written_checkpoint_is_never_picked_up(tmp_path: Path, vae_dir: Path) -> None:
+    out = tmp_path / "run"
+    assert main(dalle_args(out, vae_dir, "--max-steps", "1")) == 0
+    partial = out / CHECKPOINTS / ".tmp-step-7-999"
+    partial.mkdir()
+    (partial / "config.json").write_text("{")
+    assert main(["dalle", "--resume", "--output-dir", str(out), "--max-steps", "2"]) == 0
+    assert not partial.exists()
+    assert (out / CHECKPOINTS / LATEST).read_text().strip() == "step-2"
+
+
+def run_in_subprocess(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "DALLE_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dalle_train", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "kill -9"])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, vae_dir: Path, how: str) -> None:
+    flags = ["--max-steps", "40", "--save-every-n-steps", "2", "--log-every", "1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(dalle_args(whole, vae_dir, *flags)) == 0
+
+    process = run_in_subprocess(dalle_args(cut, vae_dir, *flags))
+    wait_for(cut / CHECKPOINTS / LATEST, process)
+    process.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=120)
+    if how == "SIGTERM":
+        assert process.returncode == 128 + signal.SIGTERM, stderr
+        assert "continue with: --resume" in stdout
+    else:
+        assert process.returncode == -signal.SIGKILL
+    stopped_at = (cut / CHECKPOINTS / LATEST).read_text().strip()
+    assert stopped_at != "step-40", "the run ended before the signal: nothing was tested"
+
+    assert main(["dalle", "--resume", "--output-dir", str(cut)]) == 0
+    assert_same_weights(whole / CHECKPOINTS / "step-40", cut / CHECKPOINTS / "step-40")
+    resumed = losses(cut)
+    assert all(resumed[step] == loss for step, loss in losses(whole).items() if step in resumed)
+
+
+def test_caption_too_long_names_the_file(tmp_path: Path, vae_dir: Path, capsys) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data" / "nested"
+    data.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (20, 20), (i * 60, 0, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a red square\n" if i else "x" * 100 + "\n")
+    argv = ["dalle", "--image-text-folder", str(tmp_path / "data"), *TINY_DALLE, "--vae-path", str(vae_dir),
+            "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--sample-every", "0"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "0.png" in error and "--truncate-captions" in error
+    assert main([*argv, "--truncate-captions", "--start-fresh"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["vae", "--image-folder", "/does/not/exist"], "/does/not/exist"),
+    (["vae"], "--image-folder DIR or --dataset shapes"),
+    (["vae", "--dataset", "shapes", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["dalle", "--dataset", "shapes", "--vae", "no-such-vae", "--tokenizer", "bytes"], "no-such-vae"),
+    (["dalle", "--dataset", "shapes", "--fp16", "--precision", "bf16"], "--fp16"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path: Path, argv: list[str], message: str, capsys) -> None:
+    assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error and "Traceback" not in error
+
+
+def test_clip_reports_retrieval_on_held_out_pairs(tmp_path: Path) -> None:
+    out = tmp_path / "clip"
+    argv = ["clip", *SHAPES, "--tokenizer", "bytes", "--text-seq-len", "48", "--visual-image-size", "32",
+            "--visual-patch-size", "16", "--dim-text", "16", "--dim-image", "16", "--dim-latent", "16",
+            "--text-enc-depth", "1", "--visual-enc-depth", "1", "--text-heads", "2", "--visual-heads", "2",
+            "--batch-size", "8", "--max-steps", "2", "--eval-size", "8", "--output-dir", str(out)]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("text_to_image_top1" in r for r in records)
+    assert (out / "samples" / "clip-step-0000002.png").is_file()
+    assert (out / "tokenizer" / "tokenizer_config.json").is_file()
