@@ -199,3 +199,80 @@ def test_clip_reports_retrieval_on_held_out_pairs(tmp_path: Path) -> None:
     assert any("text_to_image_top1" in r for r in records)
     assert (out / "samples" / "clip-step-0000002.png").is_file()
     assert (out / "tokenizer" / "tokenizer_config.json").is_file()
+
+
+EMOJI = Path(__file__).resolve().parents[3] / ".." / "shared" / "datasets" / "emoji-twemoji"
+
+
+@pytest.mark.skipif(not EMOJI.is_dir(), reason="../shared/datasets/emoji-twemoji is not beside the repo")
+def test_dalle_trains_on_the_real_emoji_folder(tmp_path: Path, vae_dir: Path, capsys) -> None:
+    out = tmp_path / "emoji"
+    argv = ["dalle", "--image-text-folder", str(EMOJI), *TINY_DALLE, "--vae-path", str(vae_dir),
+            "--truncate-captions", "--max-steps", "2", "--sample-every", "2", "--threads", "1",
+            "--output-dir", str(out)]
+    assert main(argv) == 0
+    assert "1911 image-text pairs" in capsys.readouterr().out
+    assert (out / "samples" / "dalle-step-0000002.png").is_file()
+
+
+class NanTask:
+    """A loss that turns NaN at step 3 (after a checkpoint at step 2)."""
+
+    name, tokens_per_sample = "nan", 0
+
+    def __init__(self) -> None:
+        self.model = torch.nn.Linear(2, 1)
+
+    def loss(self, batch, step):
+        value = self.model(torch.ones(1, 2)).sum()
+        return value * float("nan") if step >= 2 else value
+
+    def batch_size(self, batch):
+        return 1
+
+    def status(self, step):
+        return {}
+
+
+class Endless:
+    """Batches for NanTask: nothing in them matters."""
+
+    batches_per_epoch, epoch = 100, 0
+
+    def __iter__(self):
+        while True:
+            yield None
+
+    def state_dict(self):
+        return {}
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path: Path) -> None:
+    from dalle_core.pretrained import PretrainedMixin
+
+    from dalle_train.errors import TrainError
+    from dalle_train.training.loop import LoopSettings, train
+    from dalle_train.training.metrics import MetricsLog
+    from dalle_train.training.optim import Schedule, build_optimizer
+    from dalle_train.training.precision import Precision
+
+    class Linear(PretrainedMixin, torch.nn.Linear):
+        def __init__(self):
+            super().__init__(2, 1)
+            self.config = {}
+
+    task = NanTask()
+    task.model = Linear()
+    optimizer = build_optimizer(task.model, 1e-3, 0.0)
+    settings = LoopSettings(Precision("fp32", torch.device("cpu")), max_steps=10, save_every=2, log_every=5)
+    with pytest.raises(TrainError, match=r"loss became nan by step 4; the last good checkpoint is .*step-2"):
+        train(task, Endless(), optimizer, Schedule(optimizer, "constant", 10), settings, tmp_path,
+              MetricsLog(tmp_path), {"flags": {}})
+    assert (tmp_path / CHECKPOINTS / LATEST).read_text().strip() == "step-2"
+
+
+def test_tensorboard_log(tmp_path: Path, vae_dir: Path) -> None:
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert main(dalle_args(out, vae_dir, "--max-steps", "2", "--tensorboard", "--log-every", "1")) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
