@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from dalle_core import DiscreteVAE
 from safetensors.torch import load_file
 
+from dalle_core import DiscreteVAE
 from dalle_train.cli import main
 from dalle_train.training.checkpoints import STATE_FILE
 from dalle_train.training.layout import CHECKPOINTS, LATEST, TRAINING_STATE
@@ -32,7 +32,8 @@ def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny DiscreteVAE (32 px, 4x4 codes) saved as a model directory."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vae") / "vae"
-    DiscreteVAE(image_size=32, num_layers=3, num_tokens=16, codebook_dim=8, hidden_dim=8).save_pretrained(path)
+    vae = DiscreteVAE(image_size=32, num_layers=3, num_tokens=16, codebook_dim=8, hidden_dim=8)
+    vae.save_pretrained(path)
     return path
 
 
@@ -249,7 +250,6 @@ class Endless:
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path: Path) -> None:
     from dalle_core.pretrained import PretrainedMixin
-
     from dalle_train.errors import TrainError
     from dalle_train.training.loop import LoopSettings, train
     from dalle_train.training.metrics import MetricsLog

@@ -85,5 +85,7 @@ def split_held_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
 def make_batches(dataset: Any, args: argparse.Namespace) -> Batches:
     """Shuffled, resumable micro-batches of ``--batch-size``."""
     if len(dataset) < args.batch_size:
-        raise TrainError(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} samples)")
+        raise TrainError(
+            f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} samples)"
+        )
     return Batches(dataset, args.batch_size, seed=args.seed, num_workers=args.num_workers)

@@ -24,7 +24,9 @@ from dalle_train.training.precision import PRECISIONS, Precision, precision_from
 from dalle_train.training.rng import seed_everything
 
 #: flags that describe where and how this process runs, never saved with a run
-NOT_SAVED = frozenset({"given", "run", "command", "resume", "resume_from", "start_fresh", "output_dir", "device"})
+NOT_SAVED = frozenset(
+    {"given", "run", "command", "resume", "resume_from", "start_fresh", "output_dir", "device"}
+)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -36,7 +38,7 @@ def add_run_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
              help="continue from OUT/checkpoints/latest exactly (model, optimizer, data position, RNG)")
     add_flag(group, "--start-fresh", action="store_true",
              help="delete OUT/checkpoints and start again, whatever it holds")
-    add_flag(group, "--seed", type=int, default=0, help="seed of data order, augmentation and init (default 0)")
+    add_flag(group, "--seed", type=int, default=0, help="seed of data order, augmentation, init (default 0)")
     add_flag(group, "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add_flag(group, "--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_flag(group, "--precision", choices=PRECISIONS, help="fp32 (default), bf16, or fp16 with loss scaling")
@@ -44,7 +46,8 @@ def add_run_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
     add_flag(group, "--amp", action="store_true", help="upstream spelling of --precision fp16")
     add_flag(group, "--compile", action="store_true", help="torch.compile the model")
     add_flag(group, "--tensorboard", action="store_true", help="also log to OUT/tensorboard")
-    add_flag(group, "--wandb", action="store_true", help="also log to Weights & Biases (offline without an API key)")
+    add_flag(group, "--wandb", action="store_true",
+             help="also log to Weights & Biases (offline without an API key)")
     add_flag(group, "--wandb-name", help="W&B project name (implies --wandb)")
     add_flag(group, "--wandb-entity", help="W&B entity (team or user)")
     add_flag(group, "--log-every", type=int, default=10, help="steps between metric records (default 10)")
@@ -59,9 +62,11 @@ def add_training_flags(parser: argparse.ArgumentParser, *, batch_size: int, lear
     add_flag(group, "--epochs", type=int, default=20, help="passes over the data (default 20)")
     add_flag(group, "--max-steps", type=int,
              help="stop after this many optimizer steps, whatever --epochs says")
-    add_flag(group, "--batch-size", type=int, default=batch_size, help=f"samples per micro-batch (default {batch_size})")
+    add_flag(group, "--batch-size", type=int, default=batch_size,
+             help=f"samples per micro-batch (default {batch_size})")
     add_flag(group, "--ga-steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    add_flag(group, "--learning-rate", type=float, default=learning_rate, help=f"peak rate (default {learning_rate})")
+    add_flag(group, "--learning-rate", type=float, default=learning_rate,
+             help=f"peak rate (default {learning_rate})")
     add_flag(group, "--weight-decay", type=float, default=0.0, help="AdamW decay of matrices (default 0)")
     add_flag(group, "--clip-grad-norm", type=float, default=clip_grad_norm,
              help=f"clip gradients to this norm (default {clip_grad_norm}; 0 turns it off)")
@@ -82,7 +87,7 @@ def add_data_flags(parser: argparse.ArgumentParser, *, folder_flag: str, caption
              help="images paired with .txt captions of the same name, nested at any depth"
              if captions else "images, flat or nested (no class subfolders needed)")
     add_flag(group, "--dataset", choices=("shapes",), help="a built-in dataset instead of a folder")
-    add_flag(group, "--dataset-size", type=int, default=4000, help="samples of --dataset shapes (default 4000)")
+    add_flag(group, "--dataset-size", type=int, default=4000, help="pictures of --dataset shapes")
     add_flag(group, "--transparent", action="store_true", help="RGBA images (4 channels)")
     if captions:
         add_flag(group, "--random-resize-crop-lower-ratio", type=float, default=0.75,

@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
         add_flag(model, f"--{name}", type=kind, help=f"(default {default})")
     add_flag(model, "--attn-types", help="comma-separated, cycled over layers: full, axial_row, axial_col, "
              "conv_like, sparse (default full)")
-    add_flag(model, "--attn-kernel", help="attention kernel plugin: auto, sdpa, flex, triton, ... (default auto)")
+    add_flag(model, "--attn-kernel", help="attention kernel: auto, sdpa, flex, triton, ...")
     for name in ("reversible", "shift-tokens", "rotary-emb", "share-input-output-emb", "stable-softmax",
                  "sandwich-norm"):
         default = MODEL_DEFAULTS[name.replace("-", "_")]
@@ -78,7 +78,8 @@ def register(subparsers: Any) -> None:
              help="probability of dropping the caption, for classifier-free guidance (default 0)")
     add_flag(parser, "--sample-prompts", help="prompts of the sample grids, separated by | "
              "(default: captions of the first samples)")
-    add_flag(parser, "--dalle-output-file-name", help=argparse.SUPPRESS)  # upstream; checkpoints are dirs here
+    # upstream named its single checkpoint file; checkpoints are OUT/checkpoints/step-N here
+    add_flag(parser, "--dalle-output-file-name", help=argparse.SUPPRESS)
     add_run_flags(parser, default_out="dalle-run")
     add_training_flags(parser, batch_size=4, learning_rate=3e-4, clip_grad_norm=0.5, schedule="cosine")
     parser.set_defaults(run=run)

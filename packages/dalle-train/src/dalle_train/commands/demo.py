@@ -148,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
         "seconds": {**seconds, "total": round(time.perf_counter() - started, 1)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\ndemo done in {summary['seconds']['total']:.0f} s; the pixel checker finds the prompt's colour in "
-          f"{generated['colour']:.0%} and its shape in {generated['shape']:.0%} of {len(pairs)} generated images")
+    print(f"\ndemo done in {summary['seconds']['total']:.0f} s; the pixel checker finds the prompt's "
+          f"colour in {generated['colour']:.0%} and its shape in {generated['shape']:.0%} of {len(pairs)} "
+          f"generated images")
     print(f"look at: {out / 'samples.png'}, {out / 'loss.png'}, {out / 'generated'}/, "
           f"{out / 'vae' / 'samples'}/, {out / 'dalle' / 'samples'}/")
     return 0

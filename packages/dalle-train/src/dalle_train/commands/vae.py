@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
     model = parser.add_argument_group("model (defaults as upstream train_vae.py)")
     add_flag(model, "--image-size", type=int, default=128, help="image side in pixels (default 128)")
     add_flag(model, "--num-tokens", type=int, default=8192, help="codebook size (default 8192)")
-    add_flag(model, "--num-layers", type=int, default=3, help="downsamplings: codes per side = size / 2**layers")
+    add_flag(model, "--num-layers", type=int, default=3, help="downsamplings (codes per side: size / 2**N)")
     add_flag(model, "--num-resnet-blocks", type=int, default=2, help="(default 2)")
     add_flag(model, "--emb-dim", type=int, default=512, help="codebook dimension (default 512)")
     add_flag(model, "--hidden-dim", type=int, default=256, help="(default 256)")
