@@ -97,15 +97,17 @@ def add_data_flags(parser: argparse.ArgumentParser, *, folder_flag: str, caption
 
 
 def device_from_flag(flag: str) -> torch.device:
-    """``--device``: ``auto`` is cuda when available, else cpu."""
+    """``--device``: ``auto`` is cuda when available, else cpu; a name that is not a device, or
+    a device this machine lacks, is a `TrainError`."""
     if flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(flag)
-    except RuntimeError as error:
-        raise TrainError(f"--device {flag}: not a device name (cpu, cuda, cuda:1, mps)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {flag}: CUDA is not available here; use --device cpu")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise TrainError(
+            f"--device {flag}: not usable here ({str(error).splitlines()[0]}); try cpu, cuda, cuda:1 or auto"
+        ) from error
     return device
 
 

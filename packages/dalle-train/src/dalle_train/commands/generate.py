@@ -45,6 +45,7 @@ from dalle_train.choices import (
     vae_choice,
     vae_from_args,
 )
+from dalle_train.commands.common import device_from_flag
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.pictures import image_grid, save_png, slug
@@ -100,7 +101,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate ``--num-images`` images per prompt and write them under ``--outputs-dir``."""
     check_numbers(args)
-    device = pick_device(args.device)
+    device = device_from_flag(args.device)
     dalle = load_dalle(args, device)
     clip = load_clip(args.clip_path, dalle, device) if args.clip_path else None
     prompts = args.text.split("|") if args.text is not None else [""]
@@ -139,18 +140,6 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise TrainError(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.temperature < 0:
         raise TrainError(f"--temperature {args.temperature}: must be >= 0 (0 = always the likeliest code)")
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an unknown or absent device is a `TrainError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise TrainError(f"--device {name}: not usable here ({str(error).splitlines()[0]})") from error
-    return device
 
 
 def load_dalle(args: argparse.Namespace, device: torch.device) -> DALLE:
