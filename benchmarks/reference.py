@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle_core import DALLE
+from dalle_core.transformer import rotary_angles
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -66,7 +67,8 @@ class ReferenceDALLE(nn.Module):
         self.ff_layers = copy.deepcopy(tf.ff_branches)  # LayerScale(PreNorm(Shifted(FeedForward)))
         self.shift_tokens = tf.shift is not None
         if tf.rotary_cos is not None:  # upstream keeps the angles and takes cos / sin per call
-            self.register_buffer("pos_emb", torch.atan2(tf.rotary_sin, tf.rotary_cos), persistent=False)
+            angles = rotary_angles(tf.dim_head, model.text_len, model.fmap_size)
+            self.register_buffer("pos_emb", angles, persistent=False)
         else:
             self.pos_emb = None
         # upstream: to_logits = LayerNorm + one Linear over the whole vocabulary

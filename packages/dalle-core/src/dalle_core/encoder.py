@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_core.layers import FeedForward, LayerScale, PreNorm
+from dalle_core.layers import FeedForward, LayerScale, PreNorm, dropout_layer
 
 
 class SelfAttention(nn.Module):
@@ -28,7 +28,7 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         inner = heads * dim_head
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), dropout_layer(dropout))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         b, n, _ = x.shape

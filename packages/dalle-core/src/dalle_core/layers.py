@@ -7,13 +7,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or an identity for ``p == 0`` (no operator at all on every call)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class FeedForward(nn.Module):
     """GEGLU feed-forward: ``x [B, N, dim] -> [B, N, dim]`` through ``dim * mult`` hidden units."""
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         self.proj_in = nn.Linear(dim, dim * mult * 2)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.proj_out = nn.Linear(dim * mult, dim)
 
     def forward(self, x: Tensor) -> Tensor:

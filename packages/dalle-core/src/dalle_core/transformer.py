@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle_core.attention.kernels import AttentionKernel, SDPAKernel
 from dalle_core.attention.patterns import AttentionPattern
-from dalle_core.layers import FeedForward, LayerScale, PreNorm
+from dalle_core.layers import FeedForward, LayerScale, PreNorm, dropout_layer
 from dalle_core.reversible import ReversibleSequence
 
 
@@ -29,7 +29,7 @@ class ForwardContext:
 
     offset: int
     key_padding_mask: Tensor | None  # [B, offset + n] bool, True = keep; None = keep all
-    rotary: tuple[Tensor, Tensor] | None  # cos, sin [n, rot_dim] for positions offset..
+    rotary: tuple[Tensor, Tensor, Tensor] | None  # cos, sin [n, D] for positions offset.., swap [D]
 
 
 @dataclass
@@ -97,20 +97,15 @@ class KernelSelector:
         return max(candidates, key=lambda kernel: kernel.priority(pattern, device_type))
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, swap: Tensor) -> Tensor:
+    """Rotate ``x [..., n, D]`` by position with `rotary_tables`' ``cos, sin [n, D]`` and ``swap
+    [D]``: ``x * cos + x[..., swap] * sin``, three operations whatever the shape (q and k go
+    through it together)."""
+    return torch.addcmul(x * cos, x[..., swap], sin)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first ``cos.shape[-1]`` features of ``x [B, H, n, D]`` by position."""
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
-
-
-def rotary_tables(dim_head: int, text_len: int, fmap_size: int) -> tuple[Tensor, Tensor]:
-    """cos, sin ``[seq_len, rot_dim]`` for DALLE's three rotary axes.
+def rotary_angles(dim_head: int, text_len: int, fmap_size: int) -> Tensor:
+    """Rotation angles ``[seq_len, rot_dim]`` for DALLE's three rotary axes (half-split layout).
 
     A third of the head's features each rotate by text position, image row and image column.
     Image codes share one text position far beyond the text; text sits far outside the image
@@ -138,8 +133,27 @@ def rotary_tables(dim_head: int, text_len: int, fmap_size: int) -> tuple[Tensor,
         ),
         dim=-1,
     )  # [seq_len, 3 * part / 2]
-    angles = torch.cat((angles, angles), dim=-1)  # [seq_len, 3 * part], half-split layout
-    return angles.cos(), angles.sin()
+    return torch.cat((angles, angles), dim=-1)  # [seq_len, 3 * part]
+
+
+def rotary_tables(dim_head: int, text_len: int, fmap_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``cos, sin [seq_len, dim_head]`` and ``swap [dim_head]`` for `apply_rotary`.
+
+    With the rotated features ``x_rot = (x1, x2)`` (halves) and the rest ``x_pass``, the
+    rotation is ``(x1 cos - x2 sin, x2 cos + x1 sin, x_pass)``: ``swap`` reorders the features
+    to ``(x2, x1, x_pass)``, ``sin`` carries the signs (and 0 on ``x_pass``), ``cos`` is 1 on
+    ``x_pass``.
+    """
+    angles = rotary_angles(dim_head, text_len, fmap_size)  # [seq_len, rot]
+    seq_len, rot = angles.shape
+    half = rot // 2
+    cos = torch.ones(seq_len, dim_head)
+    cos[:, :rot] = angles.cos()
+    sin = torch.zeros(seq_len, dim_head)
+    sin[:, :half] = -angles[:, :half].sin()
+    sin[:, half:rot] = angles[:, half:].sin()
+    swap = torch.cat((torch.arange(half, rot), torch.arange(half), torch.arange(rot, dim_head)))
+    return cos, sin, swap
 
 
 class TokenShift(nn.Module):
@@ -147,8 +161,8 @@ class TokenShift(nn.Module):
 
     Text: the first half of the features comes from the previous token. Image: the first
     quarter from the code above, the second quarter from the code to the left (zeros at the
-    edges). Index tables ``[seq_len]`` (-1 = zeros) make it one gather that works the same on
-    a whole sequence and on a cached generation step.
+    edges). Index tables ``[seq_len]`` make it one gather over a whole sequence (or any slice
+    of it); a one-token cached generation step reads plain slices of the cached inputs.
     """
 
     def __init__(self, dim: int, text_len: int, fmap_size: int):
@@ -164,20 +178,34 @@ class TokenShift(nn.Module):
         previous = positions - 1
         above = torch.where(row > 0, positions - fmap_size, -1)
         left = torch.where(col > 0, positions - 1, -1)
-        self.register_buffer("source_a", torch.where(is_text, previous, above), persistent=False)
-        self.register_buffer("source_b", torch.where(is_text, previous, left), persistent=False)
+        sources = (torch.where(is_text, previous, above), torch.where(is_text, previous, left))  # [seq_len]
+        self.sources = tuple(source.tolist() for source in sources)  # for one-token steps
+        self.register_buffer("index_a", sources[0].clamp(min=0), persistent=False)
+        self.register_buffer("index_b", sources[1].clamp(min=0), persistent=False)
+        self.register_buffer("keep_a", (sources[0] >= 0).float()[:, None], persistent=False)  # [seq_len, 1]
+        self.register_buffer("keep_b", (sources[1] >= 0).float()[:, None], persistent=False)
 
     def forward(self, x: Tensor, ctx: ForwardContext, cache: BranchCache | None) -> Tensor:
         n, q = x.shape[1], self.quarter  # x [B, n, dim]
+        start, end = ctx.offset, ctx.offset + n
         history = x
         if cache is not None:
-            cache.shifted_inputs[:, ctx.offset : ctx.offset + n] = x
-            history = cache.shifted_inputs[:, : ctx.offset + n]  # [B, offset + n, dim]
-        src_a = self.source_a[ctx.offset : ctx.offset + n]
-        src_b = self.source_b[ctx.offset : ctx.offset + n]
-        part_a = history[:, src_a.clamp(min=0), :q] * (src_a >= 0)[:, None].to(x.dtype)
-        part_b = history[:, src_b.clamp(min=0), q : 2 * q] * (src_b >= 0)[:, None].to(x.dtype)
+            cache.shifted_inputs[:, start:end] = x
+            history = cache.shifted_inputs[:, :end]  # [B, offset + n, dim]
+        if n == 1:  # a cached generation step: plain slices of the history
+            part_a = self._neighbour(history, self.sources[0][start], 0, q)
+            part_b = self._neighbour(history, self.sources[1][start], q, 2 * q)
+        else:
+            part_a = history[:, self.index_a[start:end], :q] * self.keep_a[start:end].to(x.dtype)
+            part_b = history[:, self.index_b[start:end], q : 2 * q] * self.keep_b[start:end].to(x.dtype)
         return torch.cat((part_a, part_b, x[..., 2 * q :]), dim=-1)
+
+    @staticmethod
+    def _neighbour(history: Tensor, source: int, lo: int, hi: int) -> Tensor:
+        """Features ``lo:hi`` of position ``source`` ``[B, 1, hi - lo]`` (zeros for -1)."""
+        if source < 0:
+            return history.new_zeros(history.shape[0], 1, hi - lo)
+        return history[:, source : source + 1, lo:hi]
 
 
 class Attention(nn.Module):
@@ -191,14 +219,14 @@ class Attention(nn.Module):
         self.pattern, self.heads, self.dim_head, self.kernels = pattern, heads, dim_head, kernels
         inner = heads * dim_head
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), dropout_layer(dropout))
 
     def forward(self, x: Tensor, ctx: ForwardContext, cache: BranchCache | None) -> Tensor:
         b, n, _ = x.shape
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, H, n, D] each
-        if ctx.rotary is not None:
-            q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, n, D]
+        v = qkv[2]
+        q, k = apply_rotary(qkv[:2], *ctx.rotary) if ctx.rotary is not None else qkv[:2]
         if cache is not None:
             end = ctx.offset + n
             cache.k[:, :, ctx.offset : end] = k
@@ -271,11 +299,12 @@ class Transformer(nn.Module):
         self.reversible = ReversibleSequence(self.attn_branches, self.ff_branches) if reversible else None
         self.activation_checkpointing = activation_checkpointing
         if rotary_emb:
-            cos, sin = rotary_tables(dim_head, text_len, fmap_size)
+            cos, sin, swap = rotary_tables(dim_head, text_len, fmap_size)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
+            self.register_buffer("rotary_swap", swap, persistent=False)
         else:
-            self.rotary_cos = self.rotary_sin = None
+            self.rotary_cos = self.rotary_sin = self.rotary_swap = None
 
     def new_cache(self, batch: int, max_len: int, like: Tensor) -> list[LayerCache]:
         """Preallocate a cache for ``batch`` rows of up to ``max_len`` positions."""
@@ -293,7 +322,8 @@ class Transformer(nn.Module):
     def context(self, offset: int, n: int, key_padding_mask: Tensor | None) -> ForwardContext:
         rotary = None
         if self.rotary_cos is not None:
-            rotary = (self.rotary_cos[offset : offset + n], self.rotary_sin[offset : offset + n])
+            end = offset + n
+            rotary = (self.rotary_cos[offset:end], self.rotary_sin[offset:end], self.rotary_swap)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask[:, : offset + n]
         return ForwardContext(offset, key_padding_mask, rotary)
