@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from dalle_core.padding import pad_batch
+
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
@@ -44,9 +46,10 @@ class ImageVAE(Protocol):
 class Tokenizer(ABC):
     """A text tokenizer. Id 0 is padding and is never produced by `encode` for real text.
 
-    Subclasses implement `vocab_size`, `encode`, `decode` and `config`; `tokenize` (batching,
-    padding, truncation) and saving are shared. A tokenizer that needs files (a vocabulary, a
-    model) copies them in `save_files` and reads them back in `from_pretrained`.
+    Subclasses implement `vocab_size`, `encode`, `decode` and `config` (and may override
+    `encode_batch`); `tokenize` (batching, padding, truncation) and saving are shared. A
+    tokenizer that needs files (a vocabulary, a model) copies them in `save_files` and reads
+    them back in `from_pretrained`.
     """
 
     #: the name it is registered under with ``dalle_register_tokenizers``
@@ -69,6 +72,11 @@ class Tokenizer(ABC):
         """JSON-serialisable keyword arguments that rebuild this tokenizer (files excluded)."""
         return {}
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(text) for text in texts]``; a tokenizer with a faster batched path (native
+        code, threads) overrides it."""
+        return [self.encode(text) for text in texts]
+
     def tokenize(
         self, texts: str | Sequence[str], context_length: int, truncate_text: bool = False
     ) -> Tensor:
@@ -79,19 +87,7 @@ class Tokenizer(ABC):
         """
         if isinstance(texts, str):
             texts = [texts]
-        result = torch.zeros(len(texts), context_length, dtype=torch.long)
-        for index, text in enumerate(texts):
-            ids = self.encode(text)
-            if len(ids) > context_length:
-                if not truncate_text:
-                    raise ValueError(
-                        f"text {index} is {len(ids)} tokens long, more than the context length "
-                        f"{context_length}; shorten it or pass truncate_text=True"
-                    )
-                ids = ids[:context_length]
-            if ids:
-                result[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return result
+        return pad_batch(self.encode_batch(list(texts)), context_length, truncate_text)
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         """Copy any files the tokenizer needs into ``directory``; return extra config."""
