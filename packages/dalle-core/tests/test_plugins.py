@@ -217,7 +217,8 @@ MISSING_REQUIREMENT = """
     @hookimpl
     def dalle_register_attention(register):
         register("needs-missing", SDPAKernel, requires=("dalle_missing_module_xyz",))
-        register("needs-submodule", SDPAKernel, requires="dalle_missing_pkg.sub")
+        register("needs-submodule", SDPAKernel, requires="dalle_missing_pkg.sub",
+                 install="pip install dalle-missing-pkg==2")
 """
 
 
@@ -229,8 +230,10 @@ def test_missing_requirement_makes_an_entry_unusable(fake):
         False,
         "dalle_missing_pkg.sub not installed",
     )
-    with pytest.raises(PluginNotUsableError, match="dalle_missing_module_xyz not installed"):
+    with pytest.raises(PluginNotUsableError, match="dalle_missing_module_xyz not installed; install what"):
         create_attention_kernel("needs-missing")
+    with pytest.raises(PluginNotUsableError, match="install it with: pip install dalle-missing-pkg==2$"):
+        create_attention_kernel("needs-submodule")
     kernels = usable_attention_kernels()
     assert [type(kernel) for kernel in kernels] == [SDPAKernel, FlexKernel]
     assert usable_attention_kernels() is kernels  # built once

@@ -19,6 +19,9 @@ Every hook takes one argument, ``register``, and calls it once per thing it prov
 
   - ``requires``: tuple of importable module names the factory needs (``("triton",)``); while
     one is missing the entry is listed as unusable, e.g. "triton not installed".
+  - ``install``: the command that installs what ``requires`` names, when a plain ``pip install``
+    of a module name is not it (``"pip install --no-build-isolation youtokentome==1.0.6"``);
+    using the entry while it is unusable says to run it.
   - ``description``: one line shown by ``dalle-train plugins``.
   - ``loader``: VAEs only: ``callable(directory) -> vae`` that rebuilds a saved VAE
     (default: ``factory.from_pretrained``).

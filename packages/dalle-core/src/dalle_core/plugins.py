@@ -52,10 +52,10 @@ LABELS: dict[str, str] = {
 
 #: metadata keys ``register`` understands, per kind (see `dalle_core.hookspecs`)
 METADATA_KEYS: dict[str, frozenset[str]] = {
-    "tokenizers": frozenset({"requires", "description"}),
-    "vaes": frozenset({"requires", "description", "loader"}),
-    "attention": frozenset({"requires", "description"}),
-    "backends": frozenset({"requires", "description"}),
+    "tokenizers": frozenset({"requires", "install", "description"}),
+    "vaes": frozenset({"requires", "install", "description", "loader"}),
+    "attention": frozenset({"requires", "install", "description"}),
+    "backends": frozenset({"requires", "install", "description"}),
 }
 
 #: names provided by this project's optional packages, to say what to install
@@ -118,9 +118,12 @@ class PluginEntry:
         """Raise `PluginNotUsableError`, saying what is missing, unless `usable`."""
         usable, reason = self.usable()
         if not usable:
+            install = self.metadata.get("install")
+            remedy = (
+                f"install it with: {install}" if install else f"install what is missing to use {self.name!r}"
+            )
             raise PluginNotUsableError(
-                f"{self.name!r} (from {self.package}) cannot be used here: {reason}; "
-                f"install what is missing to use {self.name!r}"
+                f"{self.name!r} (from {self.package}) cannot be used here: {reason}; {remedy}"
             )
 
 
