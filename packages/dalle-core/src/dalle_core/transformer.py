@@ -77,11 +77,14 @@ class KernelSelector:
         key = (pattern, q.device.type, q.dtype, q.requires_grad, decoding)
         kernel = self._choices.get(key)
         if kernel is None:
-            kernel = self._choose(*key)
+            kernel = self.choose(*key)
             self._choices[key] = kernel
         return kernel
 
-    def _choose(self, pattern, device_type, dtype, needs_grad, decoding) -> AttentionKernel:
+    def choose(
+        self, pattern: str, device_type: str, dtype: torch.dtype, needs_grad: bool, decoding: bool
+    ) -> AttentionKernel:
+        """The kernel for calls of this kind (uncached; `select` caches it per call kind)."""
         if self.fixed is not None:
             usable = self.fixed.supports(pattern, device_type, dtype, needs_grad, decoding)
             return self.fixed if usable else self.fallback

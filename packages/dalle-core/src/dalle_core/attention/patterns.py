@@ -91,17 +91,22 @@ class AttentionPattern:
             image_rule = kv_idx // self.block_size > q_idx // self.block_size - self.num_local_blocks
         return causal & ((kv_idx < self.text_len) | image_rule)
 
+    def check_length(self, n_q: int, n_k: int, q_offset: int = 0) -> None:
+        """A `ValueError` when queries at ``q_offset .. q_offset + n_q - 1`` or ``n_k`` keys
+        reach past the pattern's sequence."""
+        if q_offset + n_q > self.seq_len or n_k > self.seq_len:
+            raise ValueError(
+                f"sequence of {max(q_offset + n_q, n_k)} positions is longer than the pattern's "
+                f"{self.seq_len} (text_len {self.text_len} + {self.image_len} image codes - 1)"
+            )
+
     def dense_mask(self, n_q: int, n_k: int, q_offset: int = 0, device: torch.device | str = "cpu") -> Tensor:
         """Boolean mask ``[n_q, n_k]`` for queries at ``q_offset ..`` over keys ``0 .. n_k - 1``.
 
         Built once per pattern and device for the whole sequence and sliced, so generation
         steps never rebuild it.
         """
-        if q_offset + n_q > self.seq_len or n_k > self.seq_len:
-            raise ValueError(
-                f"sequence of {max(q_offset + n_q, n_k)} positions is longer than the pattern's "
-                f"{self.seq_len} (text_len {self.text_len} + {self.image_len} image codes - 1)"
-            )
+        self.check_length(n_q, n_k, q_offset)
         full = _full_mask(self, torch.device(device))
         return full[q_offset : q_offset + n_q, :n_k]
 
