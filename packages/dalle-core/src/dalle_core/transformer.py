@@ -29,7 +29,7 @@ class ForwardContext:
 
     offset: int
     key_padding_mask: Tensor | None  # [B, offset + n] bool, True = keep; None = keep all
-    rotary: tuple[Tensor, Tensor, Tensor] | None  # cos, sin [n, D] for positions offset.., swap [D]
+    rotary: tuple[Tensor, Tensor, int] | None  # cos, sin [n, D] for positions offset.., rot
 
 
 @dataclass
@@ -100,11 +100,14 @@ class KernelSelector:
         return max(candidates, key=lambda kernel: kernel.priority(pattern, device_type))
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, swap: Tensor) -> Tensor:
-    """Rotate ``x [..., n, D]`` by position with `rotary_tables`' ``cos, sin [n, D]`` and ``swap
-    [D]``: ``x * cos + x[..., swap] * sin``, three operations whatever the shape (q and k go
-    through it together)."""
-    return torch.addcmul(x * cos, x[..., swap], sin)
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rot: int) -> Tensor:
+    """Rotate the first ``rot`` features of ``x [..., n, D]`` by position with `rotary_tables`'
+    ``cos, sin [n, D]``: ``x * cos + (x2, x1, x_pass) * sin`` for ``x = (x1, x2, x_pass)``
+    (halves of the rotated features, then the rest). Slices and one concatenation, so the
+    backward is cheap too; q and k go through it together."""
+    half = rot // 2
+    swapped = torch.cat((x[..., half:rot], x[..., :half], x[..., rot:]), dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 def rotary_angles(dim_head: int, text_len: int, fmap_size: int) -> Tensor:
@@ -139,13 +142,13 @@ def rotary_angles(dim_head: int, text_len: int, fmap_size: int) -> Tensor:
     return torch.cat((angles, angles), dim=-1)  # [seq_len, 3 * part]
 
 
-def rotary_tables(dim_head: int, text_len: int, fmap_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``cos, sin [seq_len, dim_head]`` and ``swap [dim_head]`` for `apply_rotary`.
+def rotary_tables(dim_head: int, text_len: int, fmap_size: int) -> tuple[Tensor, Tensor, int]:
+    """``cos, sin [seq_len, dim_head]`` and ``rot``, the number of rotated features, for
+    `apply_rotary`.
 
-    With the rotated features ``x_rot = (x1, x2)`` (halves) and the rest ``x_pass``, the
-    rotation is ``(x1 cos - x2 sin, x2 cos + x1 sin, x_pass)``: ``swap`` reorders the features
-    to ``(x2, x1, x_pass)``, ``sin`` carries the signs (and 0 on ``x_pass``), ``cos`` is 1 on
-    ``x_pass``.
+    With the rotated features ``(x1, x2)`` (halves) and the rest ``x_pass``, the rotation is
+    ``(x1 cos - x2 sin, x2 cos + x1 sin, x_pass)``: ``sin`` carries the signs (and 0 on
+    ``x_pass``), ``cos`` is 1 on ``x_pass``.
     """
     angles = rotary_angles(dim_head, text_len, fmap_size)  # [seq_len, rot]
     seq_len, rot = angles.shape
@@ -155,8 +158,7 @@ def rotary_tables(dim_head: int, text_len: int, fmap_size: int) -> tuple[Tensor,
     sin = torch.zeros(seq_len, dim_head)
     sin[:, :half] = -angles[:, :half].sin()
     sin[:, half:rot] = angles[:, half:].sin()
-    swap = torch.cat((torch.arange(half, rot), torch.arange(half), torch.arange(rot, dim_head)))
-    return cos, sin, swap
+    return cos, sin, rot
 
 
 class TokenShift(nn.Module):
@@ -199,8 +201,10 @@ class TokenShift(nn.Module):
             part_a = self._neighbour(history, self.sources[0][start], 0, q)
             part_b = self._neighbour(history, self.sources[1][start], q, 2 * q)
         else:
-            part_a = history[:, self.index_a[start:end], :q] * self.keep_a[start:end].to(x.dtype)
-            part_b = history[:, self.index_b[start:end], q : 2 * q] * self.keep_b[start:end].to(x.dtype)
+            # index_select on the feature slice: its backward is far cheaper than indexing's
+            index_a, index_b = self.index_a[start:end], self.index_b[start:end]
+            part_a = history[..., :q].index_select(1, index_a) * self.keep_a[start:end].to(x.dtype)
+            part_b = history[..., q : 2 * q].index_select(1, index_b) * self.keep_b[start:end].to(x.dtype)
         return torch.cat((part_a, part_b, x[..., 2 * q :]), dim=-1)
 
     @staticmethod
@@ -302,12 +306,11 @@ class Transformer(nn.Module):
         self.reversible = ReversibleSequence(self.attn_branches, self.ff_branches) if reversible else None
         self.activation_checkpointing = activation_checkpointing
         if rotary_emb:
-            cos, sin, swap = rotary_tables(dim_head, text_len, fmap_size)
+            cos, sin, self.rotary_features = rotary_tables(dim_head, text_len, fmap_size)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
-            self.register_buffer("rotary_swap", swap, persistent=False)
         else:
-            self.rotary_cos = self.rotary_sin = self.rotary_swap = None
+            self.rotary_cos = self.rotary_sin = None
 
     def new_cache(self, batch: int, max_len: int, like: Tensor) -> list[LayerCache]:
         """Preallocate a cache for ``batch`` rows of up to ``max_len`` positions."""
@@ -326,7 +329,7 @@ class Transformer(nn.Module):
         rotary = None
         if self.rotary_cos is not None:
             end = offset + n
-            rotary = (self.rotary_cos[offset:end], self.rotary_sin[offset:end], self.rotary_swap)
+            rotary = (self.rotary_cos[offset:end], self.rotary_sin[offset:end], self.rotary_features)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask[:, : offset + n]
         return ForwardContext(offset, key_padding_mask, rotary)
