@@ -16,8 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from dalle_core.interfaces import Tokenizer
-from dalle_tokenizers.padding import PaddingIds
+from dalle_tokenizers.padding import LibraryTokenizer, PaddingIds
 
 DEFAULT_MODEL = "bert-base-chinese"
 SAVED_FOLDER = "bert"
@@ -96,7 +95,7 @@ def _version() -> str:
     return transformers.__version__
 
 
-class ChineseTokenizer(Tokenizer):
+class ChineseTokenizer(LibraryTokenizer):
     """BERT WordPiece for Chinese (and any BERT vocabulary): ``bpe_path`` is a hub model name
     (default ``bert-base-chinese``), a folder, or a ``vocab.txt`` file. Text is encoded without
     ``[CLS]``/``[SEP]``; unknown characters become ``[UNK]``. Its ``[PAD]`` (id 0 in BERT
@@ -109,13 +108,6 @@ class ChineseTokenizer(Tokenizer):
         self.tokenizer = load_bert(self.bpe_path)
         pad, unknown = self.tokenizer.pad_token_id, self.tokenizer.unk_token_id
         self.ids = PaddingIds(len(self.tokenizer), pad == 0 and unknown != 0)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.ids.vocab_size
-
-    def config(self) -> dict[str, Any]:
-        return {"bpe_path": self.bpe_path}
 
     def encode(self, text: str) -> list[int]:
         return self.ids.to_dalle(self.tokenizer.encode(text, add_special_tokens=False))

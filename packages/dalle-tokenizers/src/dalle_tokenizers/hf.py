@@ -8,14 +8,13 @@ from typing import Any
 
 from torch import Tensor
 
-from dalle_core.interfaces import Tokenizer
 from dalle_core.pretrained import atomic_write_bytes
-from dalle_tokenizers.padding import PaddingIds
+from dalle_tokenizers.padding import LibraryTokenizer, PaddingIds
 
 SAVED_NAME = "tokenizer.json"
 
 
-class HFTokenizer(Tokenizer):
+class HFTokenizer(LibraryTokenizer):
     """A Hugging Face ``tokenizers`` JSON file, such as one written by `train_bpe`.
 
     Texts are encoded without the file's template special tokens (no BOS/CLS/EOS), padding or
@@ -44,13 +43,6 @@ class HFTokenizer(Tokenizer):
         self.bpe_path = str(path)
         self.tokenizer = tokenizer
         self.ids = PaddingIds(tokenizer.get_vocab_size(with_added_tokens=True), _zero_is_padding(tokenizer))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.ids.vocab_size
-
-    def config(self) -> dict[str, Any]:
-        return {"bpe_path": self.bpe_path}
 
     def encode(self, text: str) -> list[int]:
         return self.ids.to_dalle(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+from dalle_core.interfaces import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -37,3 +40,18 @@ class PaddingIds:
         """dalle ids -> library ids; padding and ids outside the vocabulary are dropped."""
         moved = None if self.zero_is_padding else self.raw_size
         return [0 if i == moved else i for i in map(int, ids) if 0 < i < self.vocab_size]
+
+
+class LibraryTokenizer(Tokenizer):
+    """A tokenizer of a library, read from ``bpe_path``, whose ids map to dalle's through
+    ``ids`` (`PaddingIds`); subclasses set both in ``__init__``."""
+
+    bpe_path: str
+    ids: PaddingIds
+
+    @property
+    def vocab_size(self) -> int:
+        return self.ids.vocab_size
+
+    def config(self) -> dict[str, Any]:
+        return {"bpe_path": self.bpe_path}

@@ -14,9 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
-from dalle_core.interfaces import Tokenizer
 from dalle_core.pretrained import atomic_write_bytes
-from dalle_tokenizers.padding import PaddingIds
+from dalle_tokenizers.padding import LibraryTokenizer, PaddingIds
 
 SAVED_NAME = "yttm.model"
 INSTALL = "pip install Cython setuptools wheel && pip install --no-build-isolation youtokentome==1.0.6"
@@ -66,7 +65,7 @@ def check_model_file(path: Path) -> None:
         raise fail("its ids are not 0 .. vocab_size - 1, each once")
 
 
-class YTTMTokenizer(Tokenizer):
+class YTTMTokenizer(LibraryTokenizer):
     """A YouTokenToMe BPE model file, as trained by ``yttm bpe --vocab_size N --data FILE --model
     bpe.model``. Its ``<PAD>`` (id 0 by default) is dalle's padding; a model trained with another
     pad id has its id-0 token moved to ``vocab_size - 1`` (see `dalle_tokenizers.padding`).
@@ -85,13 +84,6 @@ class YTTMTokenizer(Tokenizer):
         self.output_ids = yttm.OutputType.ID
         self.bpe_path = str(path)
         self.ids = PaddingIds(self.model.vocab_size(), self.model.id_to_subword(0) == "<PAD>")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.ids.vocab_size
-
-    def config(self) -> dict[str, Any]:
-        return {"bpe_path": self.bpe_path}
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
