@@ -56,6 +56,13 @@ def _allowed(
 
 
 @triton.jit
+def _tile(base, b, h, rows, offs_d, stride_b, stride_h, stride_n):
+    """Pointers ``[len(rows), len(offs_d)]`` to rows ``rows`` of head ``(b, h)`` of a ``[B, H, N, D]``
+    tensor at ``base`` (its last dimension contiguous)."""
+    return base + b * stride_b + h * stride_h + rows[:, None] * stride_n + offs_d[None, :]
+
+
+@triton.jit
 def _operand(x, UPCAST: tl.constexpr):
     """A ``tl.dot`` operand: fp32 in the interpreter, unchanged on the GPU."""
     if UPCAST:
@@ -106,7 +113,7 @@ def attention_forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_valid = offs_m < N
     d_valid = offs_d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q_ptrs = _tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn)
     q = _operand(tl.load(q_ptrs, mask=q_valid[:, None] & d_valid[None, :], other=0.0), UPCAST)
     q_pos = tl.load(POS + offs_m, mask=q_valid, other=0)
 
@@ -121,9 +128,9 @@ def attention_forward_kernel(
         offs_k = kb * BLOCK_N + offs_n
         k_valid = offs_k < N
         kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_k[:, None] * stride_kn + offs_d[None, :],
+        k = tl.load(_tile(K, b, h, offs_k, offs_d, stride_kb, stride_kh, stride_kn),
                     mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_k[:, None] * stride_vn + offs_d[None, :],
+        v = tl.load(_tile(V, b, h, offs_k, offs_d, stride_vb, stride_vh, stride_vn),
                     mask=kv_mask, other=0.0)
         k_pos = tl.load(POS + offs_k, mask=k_valid, other=0)
         s = tl.dot(q, tl.trans(_operand(k, UPCAST)), input_precision=PRECISION) * qk_scale  # [M, N]
@@ -139,7 +146,7 @@ def attention_forward_kernel(
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only rows past N: every real row sees position 0
     out = acc / l_safe[:, None]
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = _tile(OUT, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=q_valid[:, None] & d_valid[None, :])
     tl.store(LSE + pid_bh * N + offs_m, m_i + tl.math.log2(l_safe), mask=q_valid)
 
@@ -167,9 +174,9 @@ def attention_backward_dkdv_kernel(
     k_valid = offs_k < N
     d_valid = offs_d < HEAD_DIM
     kv_mask = k_valid[:, None] & d_valid[None, :]
-    k = _operand(tl.load(K + b * stride_kb + h * stride_kh + offs_k[:, None] * stride_kn + offs_d[None, :],
+    k = _operand(tl.load(_tile(K, b, h, offs_k, offs_d, stride_kb, stride_kh, stride_kn),
                          mask=kv_mask, other=0.0), UPCAST)
-    v = _operand(tl.load(V + b * stride_vb + h * stride_vh + offs_k[:, None] * stride_vn + offs_d[None, :],
+    v = _operand(tl.load(_tile(V, b, h, offs_k, offs_d, stride_vb, stride_vh, stride_vn),
                          mask=kv_mask, other=0.0), UPCAST)
     k_pos = tl.load(POS + offs_k, mask=k_valid, other=0)
 
@@ -183,9 +190,9 @@ def attention_backward_dkdv_kernel(
         offs_m = mb * BLOCK_M + offs_m0
         q_valid = offs_m < N
         qd_mask = q_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+        q = tl.load(_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn),
                     mask=qd_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+        do = tl.load(_tile(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don),
                      mask=qd_mask, other=0.0)
         q = _operand(q, UPCAST)
         do = _operand(do, UPCAST)
@@ -203,9 +210,9 @@ def attention_backward_dkdv_kernel(
         ds_op = _operand(ds.to(Q.dtype.element_ty), UPCAST)
         dk += tl.dot(tl.trans(ds_op), q, input_precision=PRECISION)
     dk = dk * softmax_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_k[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(_tile(DK, b, h, offs_k, offs_d, stride_dkb, stride_dkh, stride_dkn),
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_k[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(_tile(DV, b, h, offs_k, offs_d, stride_dvb, stride_dvh, stride_dvn),
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -231,7 +238,7 @@ def attention_backward_dq_kernel(
     q_valid = offs_m < N
     d_valid = offs_d < HEAD_DIM
     qd_mask = q_valid[:, None] & d_valid[None, :]
-    q = _operand(tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    q = _operand(tl.load(_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn),
                          mask=qd_mask, other=0.0), UPCAST)
     do = _operand(tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
                           + offs_d[None, :], mask=qd_mask, other=0.0), UPCAST)
@@ -262,7 +269,7 @@ def attention_backward_dq_kernel(
         ds_op = _operand(ds.to(Q.dtype.element_ty), UPCAST)
         dq += tl.dot(ds_op, k, input_precision=PRECISION)
     dq = dq * softmax_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+    tl.store(_tile(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn),
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -300,9 +307,9 @@ def decode_kernel(
         offs_k = kb * BLOCK_N + offs_n
         k_valid = offs_k < N_K
         kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_k[:, None] * stride_kn + offs_d[None, :],
+        k = tl.load(_tile(K, b, h, offs_k, offs_d, stride_kb, stride_kh, stride_kn),
                     mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_k[:, None] * stride_vn + offs_d[None, :],
+        v = tl.load(_tile(V, b, h, offs_k, offs_d, stride_vb, stride_vh, stride_vn),
                     mask=kv_mask, other=0.0)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # [N]
         if full == 0:  # a full tile lies at or before q_pos, so inside the N_K >= q_pos + 1 keys

@@ -26,7 +26,6 @@ import argparse
 import math
 import random
 import zlib
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +49,8 @@ from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.pictures import image_grid, save_png, slug
 from dalle_train.training.layout import find_model_dir
+from dalle_train.training.precision import PRECISIONS, Precision
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRID_CELL = 128  # grids upscale small images to at least this many pixels per side
 
 
@@ -91,7 +90,7 @@ def register(subparsers: Any) -> None:
              help="a trained CLIP checkpoint: images saved best first, scores in scores.json")
     add_flag(parser, "--device", default="auto",
              help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
-    add_flag(parser, "--precision", choices=sorted(PRECISIONS), default="fp32",
+    add_flag(parser, "--precision", choices=PRECISIONS, default="fp32",
              help="transformer precision (autocast); the VAE always decodes in fp32 (default: fp32)")
     add_tokenizer_flags(parser, default_help="the checkpoint's own")
     add_vae_flags(parser, default_help="the checkpoint's own; these flags check or replace it")
@@ -108,17 +107,13 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     if args.seed is None:
         print(f"seed {seed} (pass --seed {seed} to get these images again)")
-    autocast = (
-        torch.autocast(device.type, dtype=PRECISIONS[args.precision])
-        if args.precision != "fp32"
-        else nullcontext()
-    )
+    precision = Precision(args.precision, device)
     used: set[str] = set()
     for index, prompt in enumerate(prompts):
         prompt = prompt.strip()
         folder = args.outputs_dir / unique_name(slug(prompt) or f"prompt-{index}", used)
         generator = torch.Generator(device).manual_seed(prompt_seed(seed, prompt))
-        with autocast:
+        with precision.autocast():
             text, caption = prompt_tokens(args, dalle, prompt, generator)
             images, scores = generate(args, dalle, clip, text, generator, desc=caption)
         write_outputs(folder, caption, images, scores)
