@@ -7,8 +7,10 @@ import torch
 from conftest import TEXT_SEQ_LEN, tiny_dalle
 
 from dalle_core import CLIP
-from dalle_core.sampling import gumbel_sample, top_k_filter, top_p_filter
+from dalle_core.decode_step import DecodeStep, rotation_matrices
+from dalle_core.sampling import gumbel_sample, sample_logits, top_k, top_p_filter
 from dalle_core.tokenizers import ByteTokenizer
+from dalle_core.transformer import apply_rotary, rotary_tables
 
 ALL_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
 
@@ -19,7 +21,9 @@ def generate(dalle, text, seed, **kwargs):
 
 @pytest.mark.parametrize("attn_type", ALL_TYPES)
 @pytest.mark.parametrize(
-    "options", [{}, {"rotary_emb": False, "shift_tokens": False}, {"reversible": True}]
+    "options",
+    [{}, {"rotary_emb": False, "shift_tokens": False}, {"reversible": True},
+     {"sandwich_norm": True, "stable": True, "share_input_output_emb": True}],
 )
 def test_cached_equals_uncached_for_every_attention_type(text, attn_type, options):
     dalle = tiny_dalle(attn_types=(attn_type, "full"), **options).double()
@@ -27,6 +31,42 @@ def test_cached_equals_uncached_for_every_attention_type(text, attn_type, option
     uncached = generate(dalle, text, 7, use_cache=False)
     assert cached.shape == (2, 16)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"rotary_emb": False, "shift_tokens": False}, {"reversible": True},
+     {"sandwich_norm": True},
+     {"attn_types": ("conv_like", "sparse"), "shared_attn_ids": (0, 1, 0, 1, 2),
+      "shared_ff_ids": (0, 0, 1, 1, 0)}],
+)
+def test_decode_step_equals_the_forward_one_token_at_a_time(options):
+    dalle = tiny_dalle(**{"attn_types": ALL_TYPES, "depth": 5, **options}).double().eval()
+    transformer, seq_len, start = dalle.transformer, dalle.seq_len, dalle.text_len + 3
+    x = torch.randn(2, seq_len, 32, dtype=torch.float64)
+    keep = torch.ones(2, seq_len, dtype=torch.bool)
+    keep[1, 4:7] = False  # padded text in the second row
+    with torch.no_grad():
+        expected = transformer(x, key_padding_mask=keep)  # [2, seq_len, 32]
+        cache = transformer.new_cache(2, seq_len, x)
+        transformer(x[:, :start], key_padding_mask=keep, cache=cache)
+        step = DecodeStep(transformer, cache, start, keep)
+        got = torch.stack([step(x[:, position], position) for position in range(start, seq_len)], dim=1)
+    torch.testing.assert_close(got, expected[:, start:], rtol=0, atol=1e-12)
+
+
+def test_cached_equals_uncached_with_shared_layers(text):
+    dalle = tiny_dalle(depth=3, shared_attn_ids=(0, 1, 0), shared_ff_ids=(0, 0, 0)).double()
+    assert torch.equal(generate(dalle, text, 5), generate(dalle, text, 5, use_cache=False))
+
+
+def test_decode_step_rotation_matrices_equal_apply_rotary():
+    cos, sin, rot = rotary_tables(dim_head=20, text_len=5, fmap_size=3)  # rot 12 of 20 features
+    x = torch.randn(4, 3, cos.shape[0], 20, dtype=torch.float64)
+    expected = apply_rotary(x, cos.double(), sin.double(), rot)  # [4, 3, n, 20]
+    rotation = rotation_matrices(cos.double(), sin.double(), rot)  # [n, 20, 20]
+    got = torch.einsum("bhnd,nde->bhne", x, rotation)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -128,9 +168,8 @@ def test_bad_generation_arguments(text):
 
 
 def test_top_k_keeps_the_largest_share():
-    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
-    kept = top_k_filter(logits, 0.5)
-    assert torch.isinf(kept).tolist() == [[True, False, False, True]]
+    values, indices = top_k(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), 0.5)
+    assert values.tolist() == [[4.0, 3.0]] and indices.tolist() == [[1, 2]]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
@@ -138,6 +177,20 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     kept = top_p_filter(logits, 0.75)
     assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
     assert torch.isfinite(top_p_filter(logits, 0.1)).sum() == 1
+
+
+def test_sampling_draws_only_the_kept_codes_with_their_renormalised_probabilities():
+    probs = torch.tensor([0.05, 0.4, 0.15, 0.3, 0.1])  # top-k 0.4 keeps 3 codes: 1, 3, 2
+    logits = probs.log().expand(30000, 5)
+    draws = sample_logits(logits, filter_thres=0.4, top_p=None, temperature=1.0,
+                          generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / 30000
+    kept = torch.tensor([0.0, 0.4, 0.15, 0.3, 0.0]) / 0.85
+    torch.testing.assert_close(freq, kept, atol=0.015, rtol=0)
+    # top-p 0.6 over the kept codes (0.47, 0.35, 0.18) keeps 1 and 3
+    draws = sample_logits(logits, filter_thres=0.4, top_p=0.6, temperature=1.0,
+                          generator=torch.Generator().manual_seed(1))
+    assert set(draws.unique().tolist()) == {1, 3}
 
 
 def test_gumbel_sampling_follows_the_distribution():

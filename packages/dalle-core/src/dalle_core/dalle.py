@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalle_core.decode_step import DecodeStep
 from dalle_core.interfaces import TOKENIZER_CONFIG, ImageVAE, Tokenizer
 from dalle_core.layers import DivideMax
 from dalle_core.pretrained import PretrainedMixin
@@ -241,6 +242,10 @@ class DALLE(PretrainedMixin, nn.Module):
         out = self.transformer(tokens, offset=offset, key_padding_mask=key_padding_mask, cache=cache)
         return self.final_norm(self.norm_by_max(out))
 
+    def _next_hidden(self, step: DecodeStep, token: Tensor, position: int) -> Tensor:
+        """One cached step: ``token [rows, dim]`` at sequence ``position`` -> ``[rows, dim]``."""
+        return self.final_norm(self.norm_by_max(step(token, position)))
+
     def _text_logits(self, hidden: Tensor) -> Tensor:
         """``[..., dim]`` -> ``[..., num_text_tokens + text_seq_len]``."""
         if self.text_head is None:
@@ -364,7 +369,8 @@ class DALLE(PretrainedMixin, nn.Module):
         """As `generate_images`, returning the codes ``LongTensor[B, image_seq_len]``."""
         text = self._check_text(text)
         batch = text.shape[0]
-        codes = text.new_empty(batch, 0)
+        codes = text.new_empty(batch, self.image_seq_len)
+        n_prime = 0
         if img is not None:
             n_prime = num_init_img_tokens
             if n_prime is None:
@@ -373,7 +379,7 @@ class DALLE(PretrainedMixin, nn.Module):
                 raise ValueError(
                     f"num_init_img_tokens must be in [0, {self.image_seq_len}), got {n_prime}"
                 )
-            codes = self.image_codes(img)[:, :n_prime]
+            codes[:, :n_prime] = self.image_codes(img)[:, :n_prime]
         guided = cond_scale != 1
         if guided:  # conditional rows, then unconditional rows (all-padding text): one batch
             text = torch.cat((text, torch.zeros_like(text)))
@@ -383,10 +389,13 @@ class DALLE(PretrainedMixin, nn.Module):
 
         def step_logits(hidden_last: Tensor) -> Tensor:  # [rows, dim] -> [batch, Vi]
             logits = self._image_logits(hidden_last).float()
-            if guided:
+            if guided:  # uncond + (cond - uncond) * cond_scale
                 cond, uncond = logits.chunk(2)
-                logits = uncond + (cond - uncond) * cond_scale
+                logits = torch.lerp(uncond, cond, cond_scale)
             return logits
+
+        def row_codes(start: int, end: int) -> Tensor:  # [rows, end - start], both halves when guided
+            return codes[:, start:end].repeat(2, 1) if guided else codes[:, start:end]
 
         was_training = self.training
         self.eval()
@@ -394,26 +403,25 @@ class DALLE(PretrainedMixin, nn.Module):
             text_tokens = self._embed_text(text)  # [rows, L + 1, dim]
             key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
             cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
-            row_codes = codes.repeat(2, 1) if guided else codes
-            tokens = torch.cat((text_tokens, self._embed_image(row_codes, 0)), dim=1)
+            tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, n_prime), 0)), dim=1)
             hidden = self._hidden(tokens, 0, key_padding_mask, cache)[:, -1]
-            for position in range(codes.shape[1], self.image_seq_len):
-                logits = step_logits(hidden)
+            step = None
+            if use_cache:
+                step = DecodeStep(self.transformer, cache, self.text_len + n_prime, key_padding_mask)
+            for position in range(n_prime, self.image_seq_len):
                 sample = sample_logits(
-                    logits, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
+                    step_logits(hidden), filter_thres=filter_thres, top_p=top_p, temperature=temperature,
                     generator=generator,
                 )  # [batch]
-                codes = torch.cat((codes, sample[:, None]), dim=1)
+                codes[:, position] = sample
                 if position == self.image_seq_len - 1:
                     break
-                row_codes = codes.repeat(2, 1) if guided else codes
-                if use_cache:
-                    new = self._embed_image(row_codes[:, -1:], position)  # [rows, 1, dim]
-                    hidden = self._hidden(new, self.text_len + position, key_padding_mask, cache)
+                if step is not None:
+                    new = self._embed_image(row_codes(position, position + 1), position)[:, 0]  # [rows, dim]
+                    hidden = self._next_hidden(step, new, self.text_len + position)
                 else:
-                    tokens = torch.cat((text_tokens, self._embed_image(row_codes, 0)), dim=1)
-                    hidden = self._hidden(tokens, 0, key_padding_mask)
-                hidden = hidden[:, -1]
+                    tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, position + 1), 0)), dim=1)
+                    hidden = self._hidden(tokens, 0, key_padding_mask)[:, -1]
         finally:
             self.train(was_training)
         return codes
@@ -470,6 +478,7 @@ class DALLE(PretrainedMixin, nn.Module):
             tokens = self._embed_text(ids)  # [rows, 1 + n, dim]
             cache = self.transformer.new_cache(rows, self.text_len, tokens) if use_cache else None
             hidden = self._hidden(tokens, 0, None, cache)[:, -1]
+            step = DecodeStep(self.transformer, cache, length + 1, None) if use_cache else None
             for position in range(length, self.text_seq_len):
                 logits = self._text_logits(hidden).float()
                 sample = sample_logits(
@@ -479,13 +488,13 @@ class DALLE(PretrainedMixin, nn.Module):
                 ids = torch.cat((ids, sample[:, None]), dim=1)
                 if position == self.text_seq_len - 1:
                     break
-                new = self.text_emb(sample[:, None])
+                new = self.text_emb(sample)  # [rows, dim]
                 if self.text_pos_emb is not None:
                     new = new + self.text_pos_emb.weight[position + 1]
-                if use_cache:
-                    hidden = self._hidden(new, position + 1, None, cache)[:, -1]
+                if step is not None:
+                    hidden = self._next_hidden(step, new, position + 1)
                 else:
-                    tokens = torch.cat((tokens, new), dim=1)
+                    tokens = torch.cat((tokens, new[:, None]), dim=1)
                     hidden = self._hidden(tokens, 0, None)[:, -1]
         finally:
             self.train(was_training)

@@ -6,24 +6,23 @@ import torch
 from torch import Tensor
 
 
-def top_k_filter(logits: Tensor, thres: float) -> Tensor:
-    """Keep the ``max(1, (1 - thres) * vocab)`` largest logits ``[B, V]``; the rest -> -inf."""
+def top_k(logits: Tensor, thres: float) -> tuple[Tensor, Tensor]:
+    """The ``max(1, (1 - thres) * vocab)`` largest logits of ``[B, V]``: values and their
+    indices ``[B, k]``, largest first."""
     if not 0.0 <= thres < 1.0:
         raise ValueError(f"filter_thres must be in [0, 1), got {thres}")
     k = max(int((1 - thres) * logits.shape[-1]), 1)
-    values, indices = logits.topk(k, dim=-1)
-    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+    return logits.topk(k, dim=-1)
 
 
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Keep the smallest set of logits whose probability mass reaches ``top_p`` (at least one)."""
+def top_p_filter(sorted_logits: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of logits whose probability mass reaches ``top_p`` (at least one);
+    the rest -> -inf. ``sorted_logits [B, k]`` are sorted largest first, as `top_k` gives them."""
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this one
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
+    probs = sorted_logits.softmax(dim=-1)
+    remove = probs.cumsum(dim=-1) - probs >= top_p  # mass before this one
+    return sorted_logits.masked_fill(remove, float("-inf"))
 
 
 def gumbel_sample(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -33,9 +32,10 @@ def gumbel_sample(logits: Tensor, temperature: float, generator: torch.Generator
     if temperature == 0:
         return logits.argmax(dim=-1)
     uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-    exponential = -torch.log(uniform.clamp(min=1e-20))  # Exp(1) draws, > 0
-    gumbel = -torch.log(exponential.clamp(min=1e-20))
-    return (logits.float() / temperature + gumbel).argmax(dim=-1)
+    exponential = uniform.clamp_(min=1e-20).log_().neg_()  # Exp(1) draws, > 0
+    gumbel = exponential.clamp_(min=1e-20).log_()  # minus the Gumbel noise
+    scaled = logits.float() if temperature == 1 else logits.float() / temperature
+    return (scaled - gumbel).argmax(dim=-1)
 
 
 def sample_logits(
@@ -46,8 +46,12 @@ def sample_logits(
     temperature: float,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Filter ``logits [B, V]`` by top-k (``filter_thres``) then top-p, and sample ``[B]``."""
-    logits = top_k_filter(logits, filter_thres)
+    """Filter ``logits [B, V]`` by top-k (``filter_thres``) then top-p, and sample ``[B]``.
+
+    Draws only among the kept logits (the rest have probability 0), so the noise is ``[B, k]``.
+    """
+    values, indices = top_k(logits, filter_thres)  # [B, k] each
     if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    return gumbel_sample(logits, temperature, generator)
+        values = top_p_filter(values, top_p)
+    choice = gumbel_sample(values, temperature, generator)  # [B], into the kept logits
+    return indices.gather(-1, choice[:, None])[:, 0]

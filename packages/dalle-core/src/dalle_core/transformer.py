@@ -34,8 +34,9 @@ class ForwardContext:
 
 @dataclass
 class BranchCache:
-    """Per-branch cache: keys/values ``[B, H, N, D]`` (attention) and normed inputs ``[B, N, dim]``
-    (token shift); any of them ``None`` when the branch does not need it."""
+    """Per-branch cache: keys/values ``[B, H, N, D]`` (attention) and normed inputs
+    ``[B, N + 1, dim]`` (token shift; the last row stays zero); any of them ``None`` when the
+    branch does not need it."""
 
     k: Tensor | None = None
     v: Tensor | None = None
@@ -167,7 +168,7 @@ class TokenShift(nn.Module):
     Text: the first half of the features comes from the previous token. Image: the first
     quarter from the code above, the second quarter from the code to the left (zeros at the
     edges). Index tables ``[seq_len]`` make it one gather over a whole sequence (or any slice
-    of it); a one-token cached generation step reads plain slices of the cached inputs.
+    of it); `gather_index` serves the one-token steps of cached generation.
     """
 
     def __init__(self, dim: int, text_len: int, fmap_size: int):
@@ -184,7 +185,8 @@ class TokenShift(nn.Module):
         above = torch.where(row > 0, positions - fmap_size, -1)
         left = torch.where(col > 0, positions - 1, -1)
         sources = (torch.where(is_text, previous, above), torch.where(is_text, previous, left))  # [seq_len]
-        self.sources = tuple(source.tolist() for source in sources)  # for one-token steps
+        self.register_buffer("source_a", sources[0], persistent=False)  # -1: no neighbour
+        self.register_buffer("source_b", sources[1], persistent=False)
         self.register_buffer("index_a", sources[0].clamp(min=0), persistent=False)
         self.register_buffer("index_b", sources[1].clamp(min=0), persistent=False)
         self.register_buffer("keep_a", (sources[0] >= 0).float()[:, None], persistent=False)  # [seq_len, 1]
@@ -197,22 +199,27 @@ class TokenShift(nn.Module):
         if cache is not None:
             cache.shifted_inputs[:, start:end] = x
             history = cache.shifted_inputs[:, :end]  # [B, offset + n, dim]
-        if n == 1:  # a cached generation step: plain slices of the history
-            part_a = self._neighbour(history, self.sources[0][start], 0, q)
-            part_b = self._neighbour(history, self.sources[1][start], q, 2 * q)
-        else:
-            # index_select on the feature slice: its backward is far cheaper than indexing's
-            index_a, index_b = self.index_a[start:end], self.index_b[start:end]
-            part_a = history[..., :q].index_select(1, index_a) * self.keep_a[start:end].to(x.dtype)
-            part_b = history[..., q : 2 * q].index_select(1, index_b) * self.keep_b[start:end].to(x.dtype)
+        # index_select on the feature slice: its backward is far cheaper than indexing's
+        index_a, index_b = self.index_a[start:end], self.index_b[start:end]
+        part_a = history[..., :q].index_select(1, index_a) * self.keep_a[start:end].to(x.dtype)
+        part_b = history[..., q : 2 * q].index_select(1, index_b) * self.keep_b[start:end].to(x.dtype)
         return torch.cat((part_a, part_b, x[..., 2 * q :]), dim=-1)
 
-    @staticmethod
-    def _neighbour(history: Tensor, source: int, lo: int, hi: int) -> Tensor:
-        """Features ``lo:hi`` of position ``source`` ``[B, 1, hi - lo]`` (zeros for -1)."""
-        if source < 0:
-            return history.new_zeros(history.shape[0], 1, hi - lo)
-        return history[:, source : source + 1, lo:hi]
+    def gather_index(self, max_len: int) -> Tensor:
+        """Per position ``p < max_len``, where its shifted features sit in a cached history
+        ``[B, max_len + 1, dim]`` flattened to ``[B, (max_len + 1) * dim]``: ``[max_len, dim]``
+        flat indices. A missing neighbour reads row ``max_len``, which `Transformer.new_cache`
+        keeps at zero."""
+        dim, q = 4 * self.quarter, self.quarter
+        missing = torch.tensor(max_len, device=self.source_a.device)
+        source_a = torch.where(self.source_a[:max_len] < 0, missing, self.source_a[:max_len])
+        source_b = torch.where(self.source_b[:max_len] < 0, missing, self.source_b[:max_len])
+        features = torch.arange(dim, device=missing.device)
+        own = torch.arange(len(source_a), device=missing.device)
+        rows = torch.where(
+            features < q, source_a[:, None], torch.where(features < 2 * q, source_b[:, None], own[:, None])
+        )  # [max_len, dim]: the position each feature comes from
+        return rows * dim + features
 
 
 class Attention(nn.Module):
@@ -313,14 +320,18 @@ class Transformer(nn.Module):
             self.rotary_cos = self.rotary_sin = None
 
     def new_cache(self, batch: int, max_len: int, like: Tensor) -> list[LayerCache]:
-        """Preallocate a cache for ``batch`` rows of up to ``max_len`` positions."""
+        """Preallocate a cache for ``batch`` rows of up to ``max_len`` positions (token shift's
+        history has one more row, of zeros, for `TokenShift.gather_index`)."""
         def branch(attention: bool) -> BranchCache:
             kv_shape = (batch, self.heads, max_len, self.dim_head)
-            shift_shape = (batch, max_len, self.dim)
+            history = None
+            if self.shift is not None:
+                history = like.new_empty(batch, max_len + 1, self.dim)
+                history[:, max_len].zero_()
             return BranchCache(
                 k=like.new_empty(kv_shape) if attention else None,
                 v=like.new_empty(kv_shape) if attention else None,
-                shifted_inputs=like.new_empty(shift_shape) if self.shift is not None else None,
+                shifted_inputs=history,
             )
 
         return [LayerCache(branch(True), branch(False)) for _ in self.attn_branches]

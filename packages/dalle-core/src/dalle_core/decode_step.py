@@ -1,0 +1,127 @@
+"""The transformer's one-token step for cached generation, as plain tensor operations.
+
+Sampling one code of a small model is bound by per-operator overhead, not arithmetic: through
+the modules, a step of config A cost about 230 operators (module calls, token shift's slices,
+separate residual adds and scales). `DecodeStep` computes the same function from the same
+weights and cache with about half as many: token shift is one ``index_select`` over the
+flattened history with per-position indices made once per generation call (the history's
+extra last row is zeros, for neighbours off the grid), queries and keys rotate together, and
+each LayerScale branch joins the residual in one ``addcmul``. Cached generation through it
+samples the same codes as the uncached module path (tests, every pattern and option).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle_core.attention.kernels import AttentionKernel
+from dalle_core.layers import LayerScale
+from dalle_core.transformer import Attention, BranchCache, LayerCache, Transformer
+
+
+class _Branch:
+    """One residual branch of a layer, unpacked: LayerScale(PreNorm(Shifted(fn))), with its
+    cache split into per-position views (one ``unbind`` each, not a slice per step)."""
+
+    def __init__(self, branch: LayerScale, cache: BranchCache, kernel: AttentionKernel | None):
+        prenorm = branch.fn
+        self.scale = branch.scale  # [dim]
+        self.norm = prenorm.norm
+        self.norm_out = None if isinstance(prenorm.norm_out, nn.Identity) else prenorm.norm_out
+        self.fn = prenorm.fn.fn  # Attention or FeedForward
+        self.cache = cache
+        self.kernel = kernel
+        history = cache.shifted_inputs  # [rows, max_len + 1, dim]
+        self.history_flat = history.view(history.shape[0], -1) if history is not None else None
+        self.history_at = history.unbind(1) if history is not None else None  # [rows, dim] each
+        if kernel is not None:
+            self.k_at, self.v_at = cache.k.unbind(2), cache.v.unbind(2)  # [rows, H, D] each
+
+
+class DecodeStep:
+    """``x [rows, dim]`` of one new token per row at sequence ``position`` -> the transformer's
+    output ``[rows, dim]``, reading and extending ``cache`` (filled up to ``position`` by a
+    prefill through `Transformer.forward`). Equal to ``transformer(x[:, None], offset=position,
+    cache=cache)[:, 0]`` in eval mode without gradients.
+
+    ``start``: the first position it will be called for (tables are made from there on);
+    ``key_padding_mask [rows, max_len]`` (True = keep) hides padded text, as in the forward.
+    """
+
+    def __init__(
+        self, transformer: Transformer, cache: list[LayerCache], start: int, key_padding_mask: Tensor | None
+    ):
+        like = cache[0].attn.k  # [rows, H, max_len, D]
+        max_len = like.shape[2]
+        self.start = start
+        self.reversible = transformer.reversible is not None
+        self.key_padding_mask = key_padding_mask
+        self.shift_index = None
+        if transformer.shift is not None:  # per position: [dim] flat indices into the history
+            self.shift_index = transformer.shift.gather_index(max_len)[start:].to(like.device).unbind(0)
+        self.rotation = None
+        if transformer.rotary_cos is not None:  # per position: [D, D], x @ rotation = apply_rotary(x)
+            self.rotation = rotation_matrices(
+                transformer.rotary_cos[start:max_len], transformer.rotary_sin[start:max_len],
+                transformer.rotary_features,
+            ).to(like.dtype).unbind(0)
+        self.layers = []
+        for attn, ff, layer_cache in zip(transformer.attn_branches, transformer.ff_branches, cache):
+            pattern = attn.fn.fn.fn.pattern.kind
+            kernel = transformer.kernels.select(pattern, like, decoding=True)
+            self.layers.append((_Branch(attn, layer_cache.attn, kernel), _Branch(ff, layer_cache.ff, None)))
+
+    def __call__(self, x: Tensor, position: int) -> Tensor:
+        if self.reversible:  # y1 = x1 + f(x2), y2 = x2 + g(y1), output (y1 + y2) / 2
+            y1 = y2 = x
+            for attn, ff in self.layers:
+                y1 = self._branch(attn, y2, y1, position)
+                y2 = self._branch(ff, y1, y2, position)
+            return (y1 + y2) / 2
+        for attn, ff in self.layers:
+            x = self._branch(attn, x, x, position)
+            x = self._branch(ff, x, x, position)
+        return x
+
+    def _branch(self, branch: _Branch, x: Tensor, residual: Tensor, position: int) -> Tensor:
+        """``residual + scale * norm_out(fn(shift(norm(x))))`` for ``x [rows, dim]``."""
+        h = branch.norm(x)
+        if branch.history_flat is not None:
+            branch.history_at[position].copy_(h)
+            h = branch.history_flat.index_select(1, self.shift_index[position - self.start])
+        h = self._attend(branch, h, position) if branch.kernel is not None else branch.fn(h)
+        if branch.norm_out is not None:
+            h = branch.norm_out(h)
+        return torch.addcmul(residual, h, branch.scale)
+
+    def _attend(self, branch: _Branch, h: Tensor, position: int) -> Tensor:
+        attn: Attention = branch.fn
+        cache = branch.cache
+        rows = h.shape[0]
+        qkv = F.linear(h, attn.to_qkv.weight).view(rows, 3, attn.heads, attn.dim_head)
+        qk = qkv[:, :2]  # [rows, 2, H, D]
+        if self.rotation is not None:
+            qk = torch.matmul(qk, self.rotation[position - self.start])
+        branch.k_at[position].copy_(qk[:, 1])
+        branch.v_at[position].copy_(qkv[:, 2])
+        end = position + 1
+        mask = self.key_padding_mask[:, :end] if self.key_padding_mask is not None else None
+        out = branch.kernel(
+            qk[:, 0, :, None], cache.k[:, :, :end], cache.v[:, :, :end], attn.pattern,
+            q_offset=position, key_padding_mask=mask,
+        )  # [rows, H, 1, D]
+        return attn.to_out(out.reshape(rows, -1))
+
+
+def rotation_matrices(cos: Tensor, sin: Tensor, rot: int) -> Tensor:
+    """`apply_rotary` as matrices: ``[n, D, D]`` from its tables ``cos, sin [n, D]``, so that
+    ``x @ rotation[p] == apply_rotary(x, cos[p], sin[p], rot)`` for ``x [..., D]``."""
+    n, dim_head = cos.shape
+    half = rot // 2
+    # output feature j reads x_j * cos_j + x_source(j) * sin_j (sin is 0 beyond rot)
+    source = torch.cat((torch.arange(half, rot), torch.arange(half), torch.arange(rot, dim_head)))
+    rotation = torch.diag_embed(cos)  # [n, D, D]
+    rotation[:, source, torch.arange(dim_head)] += sin
+    return rotation
