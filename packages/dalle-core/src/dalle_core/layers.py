@@ -5,11 +5,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 def dropout_layer(p: float) -> nn.Module:
     """``nn.Dropout(p)``, or an identity for ``p == 0`` (no operator at all on every call)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+class _GEGLU(torch.autograd.Function):
+    """``h = (x, gates) [..., 2 * m] -> x * gelu(gates) [..., m]``, with a backward that writes
+    both halves of the gradient into one tensor (autograd's own concatenates them)."""
+
+    @staticmethod
+    def forward(autograd_ctx, h: Tensor) -> Tensor:
+        x, gates = h.chunk(2, dim=-1)
+        activated = F.gelu(gates)
+        autograd_ctx.save_for_backward(x, gates, activated)
+        return x * activated
+
+    @staticmethod
+    @once_differentiable
+    def backward(autograd_ctx, grad: Tensor) -> Tensor:
+        x, gates, activated = autograd_ctx.saved_tensors
+        grad_h = grad.new_empty((*grad.shape[:-1], 2 * grad.shape[-1]))
+        grad_x, grad_gates = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, activated, out=grad_x)
+        torch.ops.aten.gelu_backward.grad_input(grad * x, gates, grad_input=grad_gates)
+        return grad_h
+
+
+def geglu(h: Tensor) -> Tensor:
+    """GEGLU activation: ``h = (x, gates) [..., 2 * m] -> x * gelu(gates) [..., m]``."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _GEGLU.apply(h)
+    x, gates = h.chunk(2, dim=-1)
+    return x * F.gelu(gates)
 
 
 class FeedForward(nn.Module):
@@ -22,8 +53,7 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(dim * mult, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x, gates = self.proj_in(x).chunk(2, dim=-1)  # [B, N, dim * mult] each
-        return self.proj_out(self.dropout(x * F.gelu(gates)))
+        return self.proj_out(self.dropout(geglu(self.proj_in(x))))  # hidden [B, N, dim * mult]
 
 
 class LayerScale(nn.Module):

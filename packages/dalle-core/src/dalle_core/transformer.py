@@ -15,6 +15,7 @@ from itertools import cycle
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from dalle_core.attention.kernels import AttentionKernel, SDPAKernel
@@ -104,11 +105,43 @@ class KernelSelector:
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rot: int) -> Tensor:
     """Rotate the first ``rot`` features of ``x [..., n, D]`` by position with `rotary_tables`'
     ``cos, sin [n, D]``: ``x * cos + (x2, x1, x_pass) * sin`` for ``x = (x1, x2, x_pass)``
-    (halves of the rotated features, then the rest). Slices and one concatenation, so the
-    backward is cheap too; q and k go through it together."""
+    (halves of the rotated features, then the rest). ``-sin`` rotates back."""
     half = rot // 2
     swapped = torch.cat((x[..., half:rot], x[..., :half], x[..., rot:]), dim=-1)
     return torch.addcmul(x * cos, swapped, sin)
+
+
+class _SplitRotatedQKV(torch.autograd.Function):
+    """``qkv [3, B, H, n, D]`` -> q, k (rotated by `apply_rotary`) and v ``[B, H, n, D]``.
+
+    The backward rotates the q and k gradients back (the rotation is orthogonal: ``-sin``) and
+    writes all three into one tensor. Autograd's own backward of the slices zero-filled a
+    qkv-sized tensor per slice and summed them, a tenth of a config-A training step.
+    """
+
+    @staticmethod
+    def forward(autograd_ctx, qkv: Tensor, cos: Tensor, sin: Tensor, rot: int):
+        autograd_ctx.save_for_backward(cos, sin)
+        autograd_ctx.rot = rot
+        q, k = apply_rotary(qkv[:2], cos, sin, rot).unbind(0)
+        return q, k, qkv[2]
+
+    @staticmethod
+    @once_differentiable
+    def backward(autograd_ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
+        cos, sin = autograd_ctx.saved_tensors
+        grad = torch.empty((3, *grad_v.shape), dtype=grad_v.dtype, device=grad_v.device)
+        grad[:2] = apply_rotary(torch.stack((grad_q, grad_k)), cos, -sin, autograd_ctx.rot)
+        grad[2] = grad_v
+        return grad, None, None, None
+
+
+def split_qkv(qkv: Tensor, rotary: tuple[Tensor, Tensor, int] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``qkv [3, B, H, n, D]`` -> q, k, v ``[B, H, n, D]``, q and k rotated when ``rotary``
+    (``cos, sin [n, D], rot``) is given."""
+    if rotary is None:
+        return qkv.unbind(0)
+    return _SplitRotatedQKV.apply(qkv, *rotary)
 
 
 def rotary_angles(dim_head: int, text_len: int, fmap_size: int) -> Tensor:
@@ -162,6 +195,40 @@ def rotary_tables(dim_head: int, text_len: int, fmap_size: int) -> tuple[Tensor,
     return cos, sin, rot
 
 
+def _shifted(
+    history: Tensor, x: Tensor, index_a: Tensor, index_b: Tensor, keep_a: Tensor, keep_b: Tensor
+) -> Tensor:
+    """Token shift of ``x [B, n, dim]``: its first quarter of features from ``history``'s
+    positions ``index_a [n]`` (times ``keep_a [n, 1]``, 0 where there is no neighbour), the
+    second quarter from ``index_b``, the rest its own."""
+    q = x.shape[-1] // 4
+    part_a = history[..., :q].index_select(1, index_a) * keep_a
+    part_b = history[..., q : 2 * q].index_select(1, index_b) * keep_b
+    return torch.cat((part_a, part_b, x[..., 2 * q :]), dim=-1)
+
+
+class _ShiftSequence(torch.autograd.Function):
+    """`_shifted` of a whole sequence (the history is ``x`` itself), with a backward that
+    scatters into one gradient tensor; autograd's own zero-filled one per slice and gather."""
+
+    @staticmethod
+    def forward(autograd_ctx, x, index_a, index_b, keep_a, keep_b):
+        autograd_ctx.save_for_backward(index_a, index_b, keep_a, keep_b)
+        return _shifted(x, x, index_a, index_b, keep_a, keep_b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(autograd_ctx, grad: Tensor):
+        index_a, index_b, keep_a, keep_b = autograd_ctx.saved_tensors
+        q = grad.shape[-1] // 4
+        grad_x = torch.empty_like(grad)  # [B, n, dim]
+        grad_x[..., : 2 * q].zero_()
+        grad_x[..., 2 * q :] = grad[..., 2 * q :]
+        grad_x[..., :q].index_add_(1, index_a, grad[..., :q] * keep_a)
+        grad_x[..., q : 2 * q].index_add_(1, index_b, grad[..., q : 2 * q] * keep_b)
+        return grad_x, None, None, None, None
+
+
 class TokenShift(nn.Module):
     """Mixes in features of neighbouring tokens (upstream ``shift_tokens``).
 
@@ -193,17 +260,18 @@ class TokenShift(nn.Module):
         self.register_buffer("keep_b", (sources[1] >= 0).float()[:, None], persistent=False)
 
     def forward(self, x: Tensor, ctx: ForwardContext, cache: BranchCache | None) -> Tensor:
-        n, q = x.shape[1], self.quarter  # x [B, n, dim]
+        n = x.shape[1]  # x [B, n, dim]
         start, end = ctx.offset, ctx.offset + n
-        history = x
-        if cache is not None:
-            cache.shifted_inputs[:, start:end] = x
-            history = cache.shifted_inputs[:, :end]  # [B, offset + n, dim]
-        # index_select on the feature slice: its backward is far cheaper than indexing's
-        index_a, index_b = self.index_a[start:end], self.index_b[start:end]
-        part_a = history[..., :q].index_select(1, index_a) * self.keep_a[start:end].to(x.dtype)
-        part_b = history[..., q : 2 * q].index_select(1, index_b) * self.keep_b[start:end].to(x.dtype)
-        return torch.cat((part_a, part_b, x[..., 2 * q :]), dim=-1)
+        tables = (
+            self.index_a[start:end], self.index_b[start:end],
+            self.keep_a[start:end].to(x.dtype), self.keep_b[start:end].to(x.dtype),
+        )
+        if cache is None:
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _ShiftSequence.apply(x, *tables)
+            return _shifted(x, x, *tables)
+        cache.shifted_inputs[:, start:end] = x
+        return _shifted(cache.shifted_inputs[:, :end], x, *tables)  # history [B, offset + n, dim]
 
     def gather_index(self, max_len: int) -> Tensor:
         """Per position ``p < max_len``, where its shifted features sit in a cached history
@@ -239,8 +307,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, n, D]
-        v = qkv[2]
-        q, k = apply_rotary(qkv[:2], *ctx.rotary) if ctx.rotary is not None else qkv[:2]
+        q, k, v = split_qkv(qkv, ctx.rotary)
         if cache is not None:
             end = ctx.offset + n
             cache.k[:, :, ctx.offset : end] = k
