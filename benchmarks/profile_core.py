@@ -60,7 +60,7 @@ def main() -> None:
         model = bench_core.build(config)
         text, image = bench_core.make_batch(model, bench_core.BATCH, pixels)
         model.train()
-        step = bench_core.make_step(lambda: model(text, image, return_loss=True), model)
+        step = bench_core.make_step(lambda: model(text, image, return_loss=True), model, fused=True)
 
     for _ in range(2):
         step()
