@@ -17,27 +17,40 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle_core.attention.kernels import AttentionKernel
-from dalle_core.layers import LayerScale
+from dalle_core.layers import LayerScale, geglu
 from dalle_core.transformer import Attention, BranchCache, LayerCache, Transformer
 
 
+def _layer_norm_args(norm: nn.LayerNorm) -> tuple:
+    """``F.layer_norm``'s arguments after the input, for ``norm``."""
+    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
+
+
 class _Branch:
-    """One residual branch of a layer, unpacked: LayerScale(PreNorm(Shifted(fn))), with its
-    cache split into per-position views (one ``unbind`` each, not a slice per step)."""
+    """One residual branch of a layer, unpacked: LayerScale(PreNorm(Shifted(fn))) as plain
+    weights (no module calls per step), with its cache split into per-position views (one
+    ``unbind`` each, not a slice per step)."""
 
     def __init__(self, branch: LayerScale, cache: BranchCache, kernel: AttentionKernel | None):
         prenorm = branch.fn
+        fn = prenorm.fn.fn  # Attention or FeedForward
         self.scale = branch.scale  # [dim]
-        self.norm = prenorm.norm
-        self.norm_out = None if isinstance(prenorm.norm_out, nn.Identity) else prenorm.norm_out
-        self.fn = prenorm.fn.fn  # Attention or FeedForward
+        self.norm = _layer_norm_args(prenorm.norm)
+        sandwich = not isinstance(prenorm.norm_out, nn.Identity)
+        self.norm_out = _layer_norm_args(prenorm.norm_out) if sandwich else None
         self.cache = cache
         self.kernel = kernel
         history = cache.shifted_inputs  # [rows, max_len + 1, dim]
         self.history_flat = history.view(history.shape[0], -1) if history is not None else None
         self.history_at = history.unbind(1) if history is not None else None  # [rows, dim] each
-        if kernel is not None:
+        if isinstance(fn, Attention):
+            self.attention = fn
+            self.qkv_weight = fn.to_qkv.weight
+            self.proj_out = (fn.to_out[0].weight, fn.to_out[0].bias)
             self.k_at, self.v_at = cache.k.unbind(2), cache.v.unbind(2)  # [rows, H, D] each
+        else:  # FeedForward
+            self.proj_in = (fn.proj_in.weight, fn.proj_in.bias)
+            self.proj_out = (fn.proj_out.weight, fn.proj_out.bias)
 
 
 class DecodeStep:
@@ -69,7 +82,7 @@ class DecodeStep:
             ).to(like.dtype).unbind(0)
         self.layers = []
         for attn, ff, layer_cache in zip(transformer.attn_branches, transformer.ff_branches, cache):
-            pattern = attn.fn.fn.fn.pattern.kind
+            pattern = attn.fn.fn.fn.pattern.kind  # LayerScale(PreNorm(Shifted(Attention)))
             kernel = transformer.kernels.select(pattern, like, decoding=True)
             self.layers.append((_Branch(attn, layer_cache.attn, kernel), _Branch(ff, layer_cache.ff, None)))
 
@@ -87,20 +100,23 @@ class DecodeStep:
 
     def _branch(self, branch: _Branch, x: Tensor, residual: Tensor, position: int) -> Tensor:
         """``residual + scale * norm_out(fn(shift(norm(x))))`` for ``x [rows, dim]``."""
-        h = branch.norm(x)
+        h = F.layer_norm(x, *branch.norm)
         if branch.history_flat is not None:
             branch.history_at[position].copy_(h)
             h = branch.history_flat.index_select(1, self.shift_index[position - self.start])
-        h = self._attend(branch, h, position) if branch.kernel is not None else branch.fn(h)
+        if branch.kernel is not None:
+            h = self._attend(branch, h, position)
+        else:  # the GEGLU feed-forward
+            h = F.linear(geglu(F.linear(h, *branch.proj_in)), *branch.proj_out)
         if branch.norm_out is not None:
-            h = branch.norm_out(h)
+            h = F.layer_norm(h, *branch.norm_out)
         return torch.addcmul(residual, h, branch.scale)
 
     def _attend(self, branch: _Branch, h: Tensor, position: int) -> Tensor:
-        attn: Attention = branch.fn
+        attn: Attention = branch.attention
         cache = branch.cache
         rows = h.shape[0]
-        qkv = F.linear(h, attn.to_qkv.weight).view(rows, 3, attn.heads, attn.dim_head)
+        qkv = F.linear(h, branch.qkv_weight).view(rows, 3, attn.heads, attn.dim_head)
         qk = qkv[:, :2]  # [rows, 2, H, D]
         if self.rotation is not None:
             qk = torch.matmul(qk, self.rotation[position - self.start])
@@ -112,7 +128,7 @@ class DecodeStep:
             qk[:, 0, :, None], cache.k[:, :, :end], cache.v[:, :, :end], attn.pattern,
             q_offset=position, key_padding_mask=mask,
         )  # [rows, H, 1, D]
-        return attn.to_out(out.reshape(rows, -1))
+        return F.linear(out.reshape(rows, -1), *branch.proj_out)
 
 
 def rotation_matrices(cos: Tensor, sin: Tensor, rot: int) -> Tensor:
