@@ -240,8 +240,8 @@ def attention_backward_dq_kernel(
     qd_mask = q_valid[:, None] & d_valid[None, :]
     q = _operand(tl.load(_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn),
                          mask=qd_mask, other=0.0), UPCAST)
-    do = _operand(tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                          + offs_d[None, :], mask=qd_mask, other=0.0), UPCAST)
+    do = _operand(tl.load(_tile(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don),
+                          mask=qd_mask, other=0.0), UPCAST)
     lse = tl.load(LSE + pid_bh * N + offs_m, mask=q_valid, other=0.0)
     delta = tl.load(DELTA + pid_bh * N + offs_m, mask=q_valid, other=0.0)
     q_pos = tl.load(POS + offs_m, mask=q_valid, other=0)
@@ -255,10 +255,10 @@ def attention_backward_dq_kernel(
         offs_k = kb * BLOCK_N + offs_n
         k_valid = offs_k < N
         kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = _operand(tl.load(K + b * stride_kb + h * stride_kh + offs_k[:, None] * stride_kn
-                             + offs_d[None, :], mask=kv_mask, other=0.0), UPCAST)
-        v = _operand(tl.load(V + b * stride_vb + h * stride_vh + offs_k[:, None] * stride_vn
-                             + offs_d[None, :], mask=kv_mask, other=0.0), UPCAST)
+        k = _operand(tl.load(_tile(K, b, h, offs_k, offs_d, stride_kb, stride_kh, stride_kn),
+                             mask=kv_mask, other=0.0), UPCAST)
+        v = _operand(tl.load(_tile(V, b, h, offs_k, offs_d, stride_vb, stride_vh, stride_vn),
+                             mask=kv_mask, other=0.0), UPCAST)
         k_pos = tl.load(POS + offs_k, mask=k_valid, other=0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = _masked_scores(s, full, q_pos, k_pos, q_valid, k_valid, KPM + b * stride_kpm + offs_k,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from dalle_core.attention.kernels import AttentionKernel
 from dalle_core.layers import LayerScale, geglu
-from dalle_core.transformer import Attention, BranchCache, LayerCache, Transformer
+from dalle_core.transformer import Attention, BranchCache, KernelSelector, LayerCache, Transformer
 
 
 def _layer_norm_args(norm: nn.LayerNorm) -> tuple:
@@ -32,7 +32,7 @@ class _Branch:
     weights (no module calls per step), with its cache split into per-position views (one
     ``unbind`` each, not a slice per step)."""
 
-    def __init__(self, branch: LayerScale, cache: BranchCache, kernel: AttentionKernel | None):
+    def __init__(self, branch: LayerScale, cache: BranchCache, kernels: KernelSelector):
         prenorm = branch.fn
         fn = prenorm.fn.fn  # Attention or FeedForward
         self.scale = branch.scale  # [dim]
@@ -40,12 +40,13 @@ class _Branch:
         sandwich = not isinstance(prenorm.norm_out, nn.Identity)
         self.norm_out = _layer_norm_args(prenorm.norm_out) if sandwich else None
         self.cache = cache
-        self.kernel = kernel
+        self.kernel: AttentionKernel | None = None
         history = cache.shifted_inputs  # [rows, max_len + 1, dim]
         self.history_flat = history.view(history.shape[0], -1) if history is not None else None
         self.history_at = history.unbind(1) if history is not None else None  # [rows, dim] each
         if isinstance(fn, Attention):
             self.attention = fn
+            self.kernel = kernels.select(fn.pattern.kind, cache.k, decoding=True)
             self.qkv_weight = fn.to_qkv.weight
             self.proj_out = (fn.to_out[0].weight, fn.to_out[0].bias)
             self.k_at, self.v_at = cache.k.unbind(2), cache.v.unbind(2)  # [rows, H, D] each
@@ -74,18 +75,18 @@ class DecodeStep:
         self.key_padding_mask = key_padding_mask
         self.shift_index = None
         if transformer.shift is not None:  # per position: [dim] flat indices into the history
-            self.shift_index = transformer.shift.gather_index(max_len)[start:].to(like.device).unbind(0)
+            self.shift_index = transformer.shift.gather_index(max_len)[start:].unbind(0)
         self.rotation = None
         if transformer.rotary_cos is not None:  # per position: [D, D], x @ rotation = apply_rotary(x)
             self.rotation = rotation_matrices(
                 transformer.rotary_cos[start:max_len], transformer.rotary_sin[start:max_len],
                 transformer.rotary_features,
             ).to(like.dtype).unbind(0)
-        self.layers = []
-        for attn, ff, layer_cache in zip(transformer.attn_branches, transformer.ff_branches, cache):
-            pattern = attn.fn.fn.fn.pattern.kind  # LayerScale(PreNorm(Shifted(Attention)))
-            kernel = transformer.kernels.select(pattern, like, decoding=True)
-            self.layers.append((_Branch(attn, layer_cache.attn, kernel), _Branch(ff, layer_cache.ff, None)))
+        kernels = transformer.kernels
+        self.layers = [
+            (_Branch(attn, layer_cache.attn, kernels), _Branch(ff, layer_cache.ff, kernels))
+            for attn, ff, layer_cache in zip(transformer.attn_branches, transformer.ff_branches, cache)
+        ]
 
     def __call__(self, x: Tensor, position: int) -> Tensor:
         if self.reversible:  # y1 = x1 + f(x2), y2 = x2 + g(y1), output (y1 + y2) / 2
