@@ -8,7 +8,7 @@ from conftest import TEXT_SEQ_LEN, tiny_dalle
 
 from dalle_core import CLIP
 from dalle_core.decode_step import DecodeStep, rotation_matrices
-from dalle_core.sampling import gumbel_sample, sample_logits, top_k, top_p_filter
+from dalle_core.sampling import Sampler, gumbel_noise, top_k, top_p_filter
 from dalle_core.tokenizers import ByteTokenizer
 from dalle_core.transformer import apply_rotary, rotary_tables
 
@@ -179,24 +179,48 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     assert torch.isfinite(top_p_filter(logits, 0.1)).sum() == 1
 
 
+def sampler(rows, vocab, seed, steps=1, **kwargs):
+    options = {"filter_thres": 0.0, "top_p": None, "temperature": 1.0, **kwargs}
+    return Sampler(vocab, rows, steps, generator=torch.Generator().manual_seed(seed), **options)
+
+
 def test_sampling_draws_only_the_kept_codes_with_their_renormalised_probabilities():
     probs = torch.tensor([0.05, 0.4, 0.15, 0.3, 0.1])  # top-k 0.4 keeps 3 codes: 1, 3, 2
     logits = probs.log().expand(30000, 5)
-    draws = sample_logits(logits, filter_thres=0.4, top_p=None, temperature=1.0,
-                          generator=torch.Generator().manual_seed(0))
+    draws = sampler(30000, 5, 0, filter_thres=0.4)(logits)
     freq = torch.bincount(draws, minlength=5).float() / 30000
     kept = torch.tensor([0.0, 0.4, 0.15, 0.3, 0.0]) / 0.85
     torch.testing.assert_close(freq, kept, atol=0.015, rtol=0)
     # top-p 0.6 over the kept codes (0.47, 0.35, 0.18) keeps 1 and 3
-    draws = sample_logits(logits, filter_thres=0.4, top_p=0.6, temperature=1.0,
-                          generator=torch.Generator().manual_seed(1))
+    draws = sampler(30000, 5, 1, filter_thres=0.4, top_p=0.6)(logits)
     assert set(draws.unique().tolist()) == {1, 3}
 
 
-def test_gumbel_sampling_follows_the_distribution():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_gumbel_sampling_follows_the_tempered_distribution(temperature):
     probs = torch.tensor([0.7, 0.2, 0.1])
     logits = probs.log().expand(20000, 3)
-    draws = gumbel_sample(logits, 1.0, torch.Generator().manual_seed(0))
+    draws = sampler(20000, 3, 0, temperature=temperature)(logits)
     freq = torch.bincount(draws, minlength=3).float() / 20000
-    torch.testing.assert_close(freq, probs, atol=0.02, rtol=0)
-    assert torch.equal(gumbel_sample(logits[:2], 0.0, None), torch.tensor([0, 0]))
+    tempered = (probs.log() / temperature).softmax(dim=0)  # p^(1/T), renormalised
+    torch.testing.assert_close(freq, tempered, atol=0.02, rtol=0)
+    assert torch.equal(sampler(2, 3, 0, temperature=0.0)(logits[:2]), torch.tensor([0, 0]))
+
+
+def test_sampler_draws_its_noise_in_chunks_that_continue_one_stream(monkeypatch):
+    logits = torch.randn(3, 40)
+    whole = sampler(3, 40, 5, steps=6, filter_thres=0.5)
+    expected = [whole(logits) for _ in range(6)]
+    monkeypatch.setattr("dalle_core.sampling.NOISE_CHUNK_VALUES", 3 * 20 * 2)  # two steps a chunk
+    chunked = sampler(3, 40, 5, steps=6, filter_thres=0.5)
+    assert chunked.chunk_steps == 2
+    assert all(torch.equal(chunked(logits), e) for e in expected)
+    g = gumbel_noise((200000,), torch.Generator().manual_seed(0), "cpu")
+    torch.testing.assert_close(g.mean(), torch.tensor(0.5772), atol=0.01, rtol=0)  # Euler's gamma
+
+
+def test_sampler_rejects_bad_arguments():
+    for kwargs, message in [({"filter_thres": 1.0}, "filter_thres must be in"),
+                            ({"top_p": 0.0}, "top_p must be in"), ({"temperature": -1.0}, "temperature")]:
+        with pytest.raises(ValueError, match=message):
+            sampler(2, 10, 0, **kwargs)

@@ -20,7 +20,7 @@ from dalle_core.decode_step import DecodeStep
 from dalle_core.interfaces import TOKENIZER_CONFIG, ImageVAE, Tokenizer
 from dalle_core.layers import DivideMax
 from dalle_core.pretrained import PretrainedMixin
-from dalle_core.sampling import sample_logits
+from dalle_core.sampling import Sampler
 from dalle_core.transformer import LayerCache, Transformer
 
 VAE_FOLDER = "vae"
@@ -228,10 +228,14 @@ class DALLE(PretrainedMixin, nn.Module):
         """Codes ``[B, m]`` at grid positions ``start ..`` -> ``[B, m, dim]``."""
         tokens = self.image_emb(codes)
         if self.image_row_emb is not None:
-            end = start + codes.shape[1]
-            rows, cols = self.image_rows[start:end], self.image_cols[start:end]
-            tokens = tokens + self.image_row_emb(rows) + self.image_col_emb(cols)
+            tokens = tokens + self._image_pos_emb(start, start + codes.shape[1])
         return tokens
+
+    def _image_pos_emb(self, start: int, end: int) -> Tensor:
+        """Axial position embeddings (row + column) of grid positions ``start .. end - 1``:
+        ``[end - start, dim]``. Generation adds them to one code at a time in the same order."""
+        rows, cols = self.image_rows[start:end], self.image_cols[start:end]
+        return self.image_row_emb(rows) + self.image_col_emb(cols)
 
     # ----------------------------------------------------------------- heads
 
@@ -387,8 +391,15 @@ class DALLE(PretrainedMixin, nn.Module):
                 mask = torch.cat((mask, torch.ones_like(mask)))
         rows = text.shape[0]
 
+        sampler = Sampler(
+            self.num_image_tokens, batch, self.image_seq_len - n_prime, filter_thres=filter_thres,
+            top_p=top_p, temperature=temperature, generator=generator, device=text.device,
+        )
+
         def step_logits(hidden_last: Tensor) -> Tensor:  # [rows, dim] -> [batch, Vi]
-            logits = self._image_logits(hidden_last).float()
+            logits = self._image_logits(hidden_last)
+            if logits.dtype != torch.float32:
+                logits = logits.float()
             if guided:  # uncond + (cond - uncond) * cond_scale
                 cond, uncond = logits.chunk(2)
                 logits = torch.lerp(uncond, cond, cond_scale)
@@ -408,16 +419,19 @@ class DALLE(PretrainedMixin, nn.Module):
             step = None
             if use_cache:
                 step = DecodeStep(self.transformer, cache, self.text_len + n_prime, key_padding_mask)
+                position_emb = None  # per grid position: [dim], added to the new code's embedding
+                if self.image_row_emb is not None:
+                    position_emb = self._image_pos_emb(0, self.image_seq_len).unbind(0)
+            code_columns = codes.unbind(1)  # [batch] each
             for position in range(n_prime, self.image_seq_len):
-                sample = sample_logits(
-                    step_logits(hidden), filter_thres=filter_thres, top_p=top_p, temperature=temperature,
-                    generator=generator,
-                )  # [batch]
-                codes[:, position] = sample
+                sample = sampler(step_logits(hidden))  # [batch]
+                code_columns[position].copy_(sample)
                 if position == self.image_seq_len - 1:
                     break
                 if step is not None:
-                    new = self._embed_image(row_codes(position, position + 1), position)[:, 0]  # [rows, dim]
+                    new = self.image_emb(sample.repeat(2) if guided else sample)  # [rows, dim]
+                    if position_emb is not None:
+                        new = new + position_emb[position]
                     hidden = self._next_hidden(step, new, self.text_len + position)
                 else:
                     tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, position + 1), 0)), dim=1)
@@ -479,12 +493,12 @@ class DALLE(PretrainedMixin, nn.Module):
             cache = self.transformer.new_cache(rows, self.text_len, tokens) if use_cache else None
             hidden = self._hidden(tokens, 0, None, cache)[:, -1]
             step = DecodeStep(self.transformer, cache, length + 1, None) if use_cache else None
+            sampler = Sampler(
+                self.total_text_tokens, rows, self.text_seq_len - length, filter_thres=filter_thres,
+                top_p=top_p, temperature=temperature, generator=generator, device=ids.device,
+            )
             for position in range(length, self.text_seq_len):
-                logits = self._text_logits(hidden).float()
-                sample = sample_logits(
-                    logits, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
-                    generator=generator,
-                )
+                sample = sampler(self._text_logits(hidden).float())  # [rows]
                 ids = torch.cat((ids, sample[:, None]), dim=1)
                 if position == self.text_seq_len - 1:
                     break

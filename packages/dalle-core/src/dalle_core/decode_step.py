@@ -6,8 +6,9 @@ weights, not by arithmetic: through the modules, a step of the benchmark's confi
 residual adds and scales). `DecodeStep` computes the same function (eval mode: no dropout) from
 the same weights and cache with about 140: token shift is one ``index_select`` over the
 flattened history with per-position indices made once per generation call (the history's
-extra last row is zeros, for neighbours off the grid), queries and keys rotate in one matmul
-with a per-position rotation matrix, the cache is written through per-position views, and each
+extra last row is zeros, for neighbours off the grid), queries, keys and values go through one
+matmul with per-position matrices (rotations for q and k, the identity for v), a position's key
+and value are stored with one copy through a per-position view of the cache, and each
 LayerScale branch joins the residual in one ``addcmul``. Tests compare it with the forward token
 by token, and cached generation through it with the uncached module path."""
 
@@ -29,27 +30,28 @@ def _layer_norm_args(norm: nn.LayerNorm) -> tuple:
 
 class _Branch:
     """One residual branch of a layer, unpacked: LayerScale(PreNorm(Shifted(fn))) as plain
-    weights (no module calls per step), with its cache split into per-position views (one
-    ``unbind`` each, not a slice per step)."""
+    weights (no module calls per step), with its cache split into views per step ``i`` (the
+    position ``start + i``; one ``unbind`` each, not a slice per step)."""
 
-    def __init__(self, branch: LayerScale, cache: BranchCache, kernels: KernelSelector):
+    def __init__(self, branch: LayerScale, cache: BranchCache, kernels: KernelSelector, start: int):
         prenorm = branch.fn
         fn = prenorm.fn.fn  # Attention or FeedForward
         self.scale = branch.scale  # [dim]
         self.norm = _layer_norm_args(prenorm.norm)
         sandwich = not isinstance(prenorm.norm_out, nn.Identity)
         self.norm_out = _layer_norm_args(prenorm.norm_out) if sandwich else None
-        self.cache = cache
         self.kernel: AttentionKernel | None = None
         history = cache.shifted_inputs  # [rows, max_len + 1, dim]
-        self.history_flat = history.view(history.shape[0], -1) if history is not None else None
-        self.history_at = history.unbind(1) if history is not None else None  # [rows, dim] each
+        if history is not None:
+            self.history_flat = history.view(history.shape[0], -1)
+            self.history_at = history[:, start:-1].unbind(1)  # per step: [rows, dim]
         if isinstance(fn, Attention):
             self.attention = fn
             self.kernel = kernels.select(fn.pattern.kind, cache.k, decoding=True)
             self.qkv_weight = fn.to_qkv.weight
             self.proj_out = (fn.to_out[0].weight, fn.to_out[0].bias)
-            self.k_at, self.v_at = cache.k.unbind(2), cache.v.unbind(2)  # [rows, H, D] each
+            self.kv_at = cache.kv[:, :, :, start:].unbind(3)  # per step: [rows, 2, H, D]
+            self.k, self.v = cache.kv.unbind(1)  # [rows, H, max_len, D] each
         else:  # FeedForward
             self.proj_in = (fn.proj_in.weight, fn.proj_in.bias)
             self.proj_out = (fn.proj_out.weight, fn.proj_out.bias)
@@ -74,60 +76,63 @@ class DecodeStep:
         self.reversible = transformer.reversible is not None
         self.key_padding_mask = key_padding_mask
         self.shift_index = None
-        if transformer.shift is not None:  # per position: [dim] flat indices into the history
+        if transformer.shift is not None:  # per step: [dim] flat indices into the history
             self.shift_index = transformer.shift.gather_index(max_len)[start:].unbind(0)
         self.rotation = None
-        if transformer.rotary_cos is not None:  # per position: [D, D], x @ rotation = apply_rotary(x)
-            self.rotation = rotation_matrices(
+        if transformer.rotary_cos is not None:
+            rotation = rotation_matrices(
                 transformer.rotary_cos[start:max_len], transformer.rotary_sin[start:max_len],
                 transformer.rotary_features,
-            ).to(like.dtype).unbind(0)
+            ).to(like.dtype)  # [n, D, D], x @ rotation[i] = apply_rotary(x) at position start + i
+            identity = torch.eye(rotation.shape[-1], dtype=like.dtype, device=like.device)
+            # per step: [3, D, D] for (q, k, v): rotate queries and keys, keep values
+            identity = identity.expand_as(rotation)
+            self.rotation = torch.stack((rotation, rotation, identity), dim=1).unbind(0)
         kernels = transformer.kernels
         self.layers = [
-            (_Branch(attn, layer_cache.attn, kernels), _Branch(ff, layer_cache.ff, kernels))
+            (_Branch(attn, layer_cache.attn, kernels, start), _Branch(ff, layer_cache.ff, kernels, start))
             for attn, ff, layer_cache in zip(transformer.attn_branches, transformer.ff_branches, cache)
         ]
 
     def __call__(self, x: Tensor, position: int) -> Tensor:
+        i = position - self.start
         if self.reversible:  # y1 = x1 + f(x2), y2 = x2 + g(y1), output (y1 + y2) / 2
             y1 = y2 = x
             for attn, ff in self.layers:
-                y1 = self._branch(attn, y2, y1, position)
-                y2 = self._branch(ff, y1, y2, position)
+                y1 = self._branch(attn, y2, y1, i)
+                y2 = self._branch(ff, y1, y2, i)
             return (y1 + y2) / 2
         for attn, ff in self.layers:
-            x = self._branch(attn, x, x, position)
-            x = self._branch(ff, x, x, position)
+            x = self._branch(attn, x, x, i)
+            x = self._branch(ff, x, x, i)
         return x
 
-    def _branch(self, branch: _Branch, x: Tensor, residual: Tensor, position: int) -> Tensor:
-        """``residual + scale * norm_out(fn(shift(norm(x))))`` for ``x [rows, dim]``."""
+    def _branch(self, branch: _Branch, x: Tensor, residual: Tensor, i: int) -> Tensor:
+        """``residual + scale * norm_out(fn(shift(norm(x))))`` for ``x [rows, dim]`` at step ``i``."""
         h = F.layer_norm(x, *branch.norm)
-        if branch.history_flat is not None:
-            branch.history_at[position].copy_(h)
-            h = branch.history_flat.index_select(1, self.shift_index[position - self.start])
+        if self.shift_index is not None:
+            branch.history_at[i].copy_(h)
+            h = branch.history_flat.index_select(1, self.shift_index[i])
         if branch.kernel is not None:
-            h = self._attend(branch, h, position)
+            h = self._attend(branch, h, i)
         else:  # the GEGLU feed-forward
             h = F.linear(geglu(F.linear(h, *branch.proj_in)), *branch.proj_out)
         if branch.norm_out is not None:
             h = F.layer_norm(h, *branch.norm_out)
         return torch.addcmul(residual, h, branch.scale)
 
-    def _attend(self, branch: _Branch, h: Tensor, position: int) -> Tensor:
+    def _attend(self, branch: _Branch, h: Tensor, i: int) -> Tensor:
         attn: Attention = branch.attention
-        cache = branch.cache
         rows = h.shape[0]
         qkv = F.linear(h, branch.qkv_weight).view(rows, 3, attn.heads, attn.dim_head)
-        qk = qkv[:, :2]  # [rows, 2, H, D]
         if self.rotation is not None:
-            qk = torch.matmul(qk, self.rotation[position - self.start])
-        branch.k_at[position].copy_(qk[:, 1])
-        branch.v_at[position].copy_(qkv[:, 2])
+            qkv = torch.matmul(qkv, self.rotation[i])
+        branch.kv_at[i].copy_(qkv[:, 1:])
+        position = self.start + i
         end = position + 1
         mask = self.key_padding_mask[:, :end] if self.key_padding_mask is not None else None
         out = branch.kernel(
-            qk[:, 0, :, None], cache.k[:, :, :end], cache.v[:, :, :end], attn.pattern,
+            qkv[:, 0, :, None], branch.k[:, :, :end], branch.v[:, :, :end], attn.pattern,
             q_offset=position, key_padding_mask=mask,
         )  # [rows, H, 1, D]
         return F.linear(out.reshape(rows, -1), *branch.proj_out)
@@ -139,7 +144,9 @@ def rotation_matrices(cos: Tensor, sin: Tensor, rot: int) -> Tensor:
     n, dim_head = cos.shape
     half = rot // 2
     # output feature j reads x_j * cos_j + x_source(j) * sin_j (sin is 0 beyond rot)
-    source = torch.cat((torch.arange(half, rot), torch.arange(half), torch.arange(rot, dim_head)))
-    rotation = torch.diag_embed(cos)  # [n, D, D]
-    rotation[:, source, torch.arange(dim_head)] += sin
+    features = torch.arange(dim_head, device=cos.device)
+    source = torch.cat((features[half:rot], features[:half], features[rot:]))
+    rotation = cos.new_zeros(n, dim_head, dim_head)
+    rotation[:, features, features] = cos
+    rotation[:, source, features] += sin
     return rotation

@@ -35,13 +35,23 @@ class ForwardContext:
 
 @dataclass
 class BranchCache:
-    """Per-branch cache: keys/values ``[B, H, N, D]`` (attention) and normed inputs
-    ``[B, N + 1, dim]`` (token shift; the last row stays zero); any of them ``None`` when the
-    branch does not need it."""
+    """Per-branch cache: keys and values ``kv [B, 2, H, N, D]`` (attention; one tensor, so that
+    a generation step stores a position's key and value with one copy) and normed inputs
+    ``[B, N + 1, dim]`` (token shift; the last row stays zero); either ``None`` when the branch
+    does not need it."""
 
-    k: Tensor | None = None
-    v: Tensor | None = None
+    kv: Tensor | None = None
     shifted_inputs: Tensor | None = None
+
+    @property
+    def k(self) -> Tensor:
+        """Keys ``[B, H, N, D]`` (a view)."""
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> Tensor:
+        """Values ``[B, H, N, D]`` (a view)."""
+        return self.kv[:, 1]
 
 
 @dataclass
@@ -391,16 +401,12 @@ class Transformer(nn.Module):
         """Preallocate a cache for ``batch`` rows of up to ``max_len`` positions (token shift's
         history has one more row, of zeros, for `TokenShift.gather_index`)."""
         def branch(attention: bool) -> BranchCache:
-            kv_shape = (batch, self.heads, max_len, self.dim_head)
+            kv = like.new_empty(batch, 2, self.heads, max_len, self.dim_head) if attention else None
             history = None
             if self.shift is not None:
                 history = like.new_empty(batch, max_len + 1, self.dim)
                 history[:, max_len].zero_()
-            return BranchCache(
-                k=like.new_empty(kv_shape) if attention else None,
-                v=like.new_empty(kv_shape) if attention else None,
-                shifted_inputs=history,
-            )
+            return BranchCache(kv=kv, shifted_inputs=history)
 
         return [LayerCache(branch(True), branch(False)) for _ in self.attn_branches]
 
