@@ -33,15 +33,16 @@ DEFAULT_NORMALIZATION: Normalization = ((*((0.5,) * 3), 0), (*((0.5,) * 3), 1))
 
 
 class ResBlock(nn.Module):
-    """Residual block ``x + conv1x1(relu(conv3x3(relu(conv3x3(x)))))``; ``[B, C, H, W]`` kept."""
+    """Residual block ``x + conv1x1(relu(conv3x3(relu(conv3x3(x)))))``; ``[B, C, H, W]`` kept.
+    (Every ReLU here and in the VAE runs in place on a convolution's fresh output.)"""
 
     def __init__(self, chan: int):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(chan, chan, 3, padding=1),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Conv2d(chan, chan, 3, padding=1),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Conv2d(chan, chan, 1),
         )
 
@@ -181,11 +182,11 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
         ):
             # each halves / doubles the side: [B, in, S, S] -> [B, out, S/2, S/2] and back
             enc_layers.append(
-                nn.Sequential(nn.Conv2d(enc_in, enc_out, 4, stride=2, padding=1), nn.ReLU())
+                nn.Sequential(nn.Conv2d(enc_in, enc_out, 4, stride=2, padding=1), nn.ReLU(inplace=True))
             )
             dec_layers.append(
                 nn.Sequential(
-                    nn.ConvTranspose2d(dec_in, dec_out, 4, stride=2, padding=1), nn.ReLU()
+                    nn.ConvTranspose2d(dec_in, dec_out, 4, stride=2, padding=1), nn.ReLU(inplace=True)
                 )
             )
         for _ in range(num_resnet_blocks):
