@@ -55,6 +55,30 @@ def test_decode_step_equals_the_forward_one_token_at_a_time(options):
     torch.testing.assert_close(got, expected[:, start:], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"shift_tokens": False}, {"sandwich_norm": True}, {"reversible": True}]
+)
+def test_prefill_of_the_last_position_equals_the_full_forward(options):
+    dalle = tiny_dalle(**{"attn_types": ALL_TYPES, "depth": 3, **options}).double().eval()
+    transformer, n = dalle.transformer, dalle.text_len + 5
+    x = torch.randn(2, n, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full_cache, last_cache = (transformer.new_cache(2, dalle.seq_len, x) for _ in range(2))
+        expected = transformer(x, cache=full_cache)[:, -1:]
+        got = transformer(x, cache=last_cache, last_only=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    for full, last in zip(full_cache, last_cache):  # what later steps read: the first n positions
+        for branch_full, branch_last in ((full.attn, last.attn), (full.ff, last.ff)):
+            if branch_full.kv is not None:
+                torch.testing.assert_close(
+                    branch_last.kv[..., :n, :], branch_full.kv[..., :n, :], rtol=0, atol=1e-12
+                )
+            if branch_full.shifted_inputs is not None:
+                torch.testing.assert_close(
+                    branch_last.shifted_inputs[:, :n], branch_full.shifted_inputs[:, :n], rtol=0, atol=1e-12
+                )
+
+
 def test_cached_equals_uncached_with_shared_layers(text):
     dalle = tiny_dalle(depth=3, shared_attn_ids=(0, 1, 0), shared_ff_ids=(0, 0, 0)).double()
     assert torch.equal(generate(dalle, text, 5), generate(dalle, text, 5, use_cache=False))

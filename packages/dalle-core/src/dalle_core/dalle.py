@@ -241,9 +241,13 @@ class DALLE(PretrainedMixin, nn.Module):
 
     def _hidden(
         self, tokens: Tensor, offset: int, key_padding_mask: Tensor | None,
-        cache: list[LayerCache] | None = None,
+        cache: list[LayerCache] | None = None, last_only: bool = False,
     ) -> Tensor:
-        out = self.transformer(tokens, offset=offset, key_padding_mask=key_padding_mask, cache=cache)
+        """Final hidden states ``[B, n, dim]`` of ``tokens [B, n, dim]``; ``[B, 1, dim]``, the
+        last position's, with ``last_only`` (see `Transformer.forward`)."""
+        out = self.transformer(
+            tokens, offset=offset, key_padding_mask=key_padding_mask, cache=cache, last_only=last_only
+        )
         return self.final_norm(self.norm_by_max(out))
 
     def _next_hidden(self, step: DecodeStep, token: Tensor, position: int) -> Tensor:
@@ -415,7 +419,7 @@ class DALLE(PretrainedMixin, nn.Module):
             key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
             cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
             tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, n_prime), 0)), dim=1)
-            hidden = self._hidden(tokens, 0, key_padding_mask, cache)[:, -1]
+            hidden = self._hidden(tokens, 0, key_padding_mask, cache, last_only=True)[:, 0]
             step = None
             if use_cache:
                 step = DecodeStep(self.transformer, cache, self.text_len + n_prime, key_padding_mask)
@@ -435,7 +439,7 @@ class DALLE(PretrainedMixin, nn.Module):
                     hidden = self._next_hidden(step, new, self.text_len + position)
                 else:
                     tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, position + 1), 0)), dim=1)
-                    hidden = self._hidden(tokens, 0, key_padding_mask)[:, -1]
+                    hidden = self._hidden(tokens, 0, key_padding_mask, last_only=True)[:, 0]
         finally:
             self.train(was_training)
         return codes
@@ -491,7 +495,7 @@ class DALLE(PretrainedMixin, nn.Module):
             rows, length = ids.shape
             tokens = self._embed_text(ids)  # [rows, 1 + n, dim]
             cache = self.transformer.new_cache(rows, self.text_len, tokens) if use_cache else None
-            hidden = self._hidden(tokens, 0, None, cache)[:, -1]
+            hidden = self._hidden(tokens, 0, None, cache, last_only=True)[:, 0]
             step = DecodeStep(self.transformer, cache, length + 1, None) if use_cache else None
             sampler = Sampler(
                 self.total_text_tokens, rows, self.text_seq_len - length, filter_thres=filter_thres,
@@ -509,7 +513,7 @@ class DALLE(PretrainedMixin, nn.Module):
                     hidden = self._next_hidden(step, new, position + 1)
                 else:
                     tokens = torch.cat((tokens, new[:, None]), dim=1)
-                    hidden = self._hidden(tokens, 0, None)[:, -1]
+                    hidden = self._hidden(tokens, 0, None, last_only=True)[:, 0]
         finally:
             self.train(was_training)
         is_text = (ids > 0) & (ids < self.num_text_tokens)  # padding ids and <bos> -> 0

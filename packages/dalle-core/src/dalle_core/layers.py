@@ -40,7 +40,7 @@ def geglu(h: Tensor) -> Tensor:
     if torch.is_grad_enabled() and h.requires_grad:
         return _GEGLU.apply(h)
     x, gates = h.chunk(2, dim=-1)
-    return x * F.gelu(gates)
+    return F.gelu(gates).mul_(x)  # no gradient: multiply into gelu's fresh output
 
 
 class FeedForward(nn.Module):

@@ -422,20 +422,42 @@ class Transformer(nn.Module):
     def forward(
         self, x: Tensor, *, offset: int = 0, key_padding_mask: Tensor | None = None,
         cache: list[LayerCache] | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """``x [B, n, dim]`` at positions ``offset ..`` -> ``[B, n, dim]``."""
+        """``x [B, n, dim]`` at positions ``offset ..`` -> ``[B, n, dim]``.
+
+        ``last_only``: return ``[B, 1, dim]``, the last position's output, as a generation
+        prefill needs; with a ``cache`` the last feed-forward then runs for that position alone
+        (the others' keys, values and token-shift inputs are still cached).
+        """
         ctx = self.context(offset, x.shape[1], key_padding_mask)
         if self.reversible is not None:
-            return self.reversible(x, ctx, cache)
+            x = self.reversible(x, ctx, cache)
+            return x[:, -1:] if last_only else x
+        last = len(self.attn_branches) - 1
         for index, (attn, ff) in enumerate(zip(self.attn_branches, self.ff_branches)):
             layer_cache = cache[index] if cache is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(self._layer, attn, ff, x, ctx, layer_cache, use_reentrant=False)
+            elif last_only and index == last and layer_cache is not None:
+                return self._last_position_layer(attn, ff, x, ctx, layer_cache)
             else:
                 x = self._layer(attn, ff, x, ctx, layer_cache)
-        return x
+        return x[:, -1:] if last_only else x
 
     @staticmethod
     def _layer(attn, ff, x, ctx, layer_cache: LayerCache | None) -> Tensor:
         x = x + attn(x, ctx=ctx, cache=layer_cache.attn if layer_cache else None)
         return x + ff(x, ctx=ctx, cache=layer_cache.ff if layer_cache else None)
+
+    def _last_position_layer(self, attn, ff, x, ctx, layer_cache: LayerCache) -> Tensor:
+        """`_layer` for ``x [B, n, dim]`` -> its last position ``[B, 1, dim]``: attention for
+        every position, the feed-forward for the last one (the others' normed inputs go to the
+        token-shift history, where later positions read them)."""
+        x = x + attn(x, ctx=ctx, cache=layer_cache.attn)
+        n = x.shape[1]
+        history = layer_cache.ff.shifted_inputs
+        if history is not None:
+            history[:, ctx.offset : ctx.offset + n - 1] = ff.fn.norm(x[:, :-1])
+        last = x[:, -1:]
+        return last + ff(last, ctx=self.context(ctx.offset + n - 1, 1, None), cache=layer_cache.ff)
