@@ -7,7 +7,7 @@ import torch
 from conftest import TEXT_SEQ_LEN, tiny_dalle
 
 from dalle_core import CLIP
-from dalle_core.decode_step import DecodeStep, rotation_matrices
+from dalle_core.decode_step import DecodeStep, _IntoBuffer, rotation_matrices
 from dalle_core.sampling import Sampler, gumbel_noise, top_k, top_p_filter
 from dalle_core.tokenizers import ByteTokenizer
 from dalle_core.transformer import apply_rotary, rotary_tables
@@ -77,6 +77,33 @@ def test_prefill_of_the_last_position_equals_the_full_forward(options):
                 torch.testing.assert_close(
                     branch_last.shifted_inputs[:, :n], branch_full.shifted_inputs[:, :n], rtol=0, atol=1e-12
                 )
+
+
+def test_decode_step_under_autocast_follows_the_forward():
+    dalle = tiny_dalle(attn_types=ALL_TYPES).eval()
+    transformer, seq_len, start = dalle.transformer, dalle.seq_len, dalle.text_len + 3
+    x = torch.randn(2, seq_len, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = transformer(x)
+        cache = transformer.new_cache(2, seq_len, x)
+        transformer(x[:, :start], cache=cache)
+        step = DecodeStep(transformer, cache, start, None)
+        got = torch.stack([step(x[:, position], position) for position in range(start, seq_len)], dim=1)
+    torch.testing.assert_close(got.float(), expected[:, start:].float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_products_into_a_reused_buffer_equal_linear_and_keep_autocast_precision(bias):
+    linear = torch.nn.Linear(16, 24, bias=bias)
+    h, like = torch.randn(3, 16), torch.empty(3, 5)
+    with torch.no_grad():
+        into = _IntoBuffer(linear, like, autocast=False)
+        assert into(h) is into.out and into.out.shape == (3, 24)
+        torch.testing.assert_close(into.out, linear(h), rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = linear(h)  # a bfloat16 product
+            got = _IntoBuffer(linear, like, autocast=True)(h)
+    assert got.dtype == torch.float32 and torch.equal(got, expected.float())
 
 
 def test_cached_equals_uncached_with_shared_layers(text):

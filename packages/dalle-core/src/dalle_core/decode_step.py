@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle_core.attention.kernels import AttentionKernel
-from dalle_core.layers import LayerScale, geglu
+from dalle_core.layers import LayerScale
 from dalle_core.transformer import Attention, BranchCache, KernelSelector, LayerCache, Transformer
 
 
@@ -28,12 +28,36 @@ def _layer_norm_args(norm: nn.LayerNorm) -> tuple:
     return norm.normalized_shape, norm.weight, norm.bias, norm.eps
 
 
+class _IntoBuffer:
+    """``h [rows, in] -> F.linear(h, weight, bias)`` written into one buffer ``[rows, out]``
+    that every step reuses, so that the views a step reads of the result are made once per
+    call. Under autocast (which ``out=`` products bypass) the product runs as ``F.linear`` and
+    is copied in."""
+
+    def __init__(self, linear: nn.Linear, like: Tensor, autocast: bool):
+        self.weight_t, self.bias, self.autocast = linear.weight.t(), linear.bias, autocast
+        self.out = like.new_empty(like.shape[0], linear.out_features)  # like: [rows, ...]
+
+    def __call__(self, h: Tensor) -> Tensor:
+        if self.autocast:
+            self.out.copy_(F.linear(h, self.weight_t.t(), self.bias))
+        elif self.bias is None:
+            torch.mm(h, self.weight_t, out=self.out)
+        else:
+            torch.addmm(self.bias, h, self.weight_t, out=self.out)
+        return self.out
+
+
 class _Branch:
     """One residual branch of a layer, unpacked: LayerScale(PreNorm(Shifted(fn))) as plain
-    weights (no module calls per step), with its cache split into views per step ``i`` (the
-    position ``start + i``; one ``unbind`` each, not a slice per step)."""
+    weights (no module calls per step). Its cache is split into views per step ``i`` (the
+    position ``start + i``; one ``unbind`` each, not a slice per step) and its first product
+    goes into a reused buffer with views made once (`_IntoBuffer`)."""
 
-    def __init__(self, branch: LayerScale, cache: BranchCache, kernels: KernelSelector, start: int):
+    def __init__(
+        self, branch: LayerScale, cache: BranchCache, kernels: KernelSelector, start: int,
+        like: Tensor, rotary: bool, autocast: bool,
+    ):
         prenorm = branch.fn
         fn = prenorm.fn.fn  # Attention or FeedForward
         self.scale = branch.scale  # [dim]
@@ -48,12 +72,17 @@ class _Branch:
         if isinstance(fn, Attention):
             self.attention = fn
             self.kernel = kernels.select(fn.pattern.kind, cache.k, decoding=True)
-            self.qkv_weight = fn.to_qkv.weight
+            self.to_qkv = _IntoBuffer(fn.to_qkv, like, autocast)
+            self.qkv = self.to_qkv.out.view(-1, 3, fn.heads, fn.dim_head)  # [rows, 3, H, D]
+            self.rotated = torch.empty_like(self.qkv) if rotary else self.qkv  # rotated into
+            self.query = self.rotated[:, 0, :, None]  # [rows, H, 1, D]
+            self.new_kv = self.rotated[:, 1:]  # [rows, 2, H, D]
             self.proj_out = (fn.to_out[0].weight, fn.to_out[0].bias)
             self.kv_at = cache.kv[:, :, :, start:].unbind(3)  # per step: [rows, 2, H, D]
             self.k, self.v = cache.kv.unbind(1)  # [rows, H, max_len, D] each
         else:  # FeedForward
-            self.proj_in = (fn.proj_in.weight, fn.proj_in.bias)
+            self.proj_in = _IntoBuffer(fn.proj_in, like, autocast)
+            self.values, self.gates = self.proj_in.out.chunk(2, dim=-1)  # [rows, dim * mult] each
             self.proj_out = (fn.proj_out.weight, fn.proj_out.bias)
 
 
@@ -89,8 +118,12 @@ class DecodeStep:
             identity = identity.expand_as(rotation)
             self.rotation = torch.stack((rotation, rotation, identity), dim=1).unbind(0)
         kernels = transformer.kernels
+        options = dict(
+            like=like, rotary=self.rotation is not None, autocast=torch.is_autocast_enabled(like.device.type)
+        )
         self.layers = [
-            (_Branch(attn, layer_cache.attn, kernels, start), _Branch(ff, layer_cache.ff, kernels, start))
+            (_Branch(attn, layer_cache.attn, kernels, start, **options),
+             _Branch(ff, layer_cache.ff, kernels, start, **options))
             for attn, ff, layer_cache in zip(transformer.attn_branches, transformer.ff_branches, cache)
         ]
 
@@ -116,26 +149,25 @@ class DecodeStep:
         if branch.kernel is not None:
             h = self._attend(branch, h, i)
         else:  # the GEGLU feed-forward
-            h = F.linear(geglu(F.linear(h, *branch.proj_in)), *branch.proj_out)
+            branch.proj_in(h)
+            h = F.linear(F.gelu(branch.gates).mul_(branch.values), *branch.proj_out)
         if branch.norm_out is not None:
             h = F.layer_norm(h, *branch.norm_out)
         return torch.addcmul(residual, h, branch.scale)
 
     def _attend(self, branch: _Branch, h: Tensor, i: int) -> Tensor:
-        attn: Attention = branch.attention
-        rows = h.shape[0]
-        qkv = F.linear(h, branch.qkv_weight).view(rows, 3, attn.heads, attn.dim_head)
+        branch.to_qkv(h)
         if self.rotation is not None:
-            qkv = torch.matmul(qkv, self.rotation[i])
-        branch.kv_at[i].copy_(qkv[:, 1:])
+            torch.matmul(branch.qkv, self.rotation[i], out=branch.rotated)
+        branch.kv_at[i].copy_(branch.new_kv)
         position = self.start + i
         end = position + 1
         mask = self.key_padding_mask[:, :end] if self.key_padding_mask is not None else None
         out = branch.kernel(
-            qkv[:, 0, :, None], branch.k[:, :, :end], branch.v[:, :, :end], attn.pattern,
+            branch.query, branch.k[:, :, :end], branch.v[:, :, :end], branch.attention.pattern,
             q_offset=position, key_padding_mask=mask,
         )  # [rows, H, 1, D]
-        return F.linear(out.reshape(rows, -1), *branch.proj_out)
+        return F.linear(out.reshape(h.shape[0], -1), *branch.proj_out)
 
 
 def rotation_matrices(cos: Tensor, sin: Tensor, rot: int) -> Tensor:
