@@ -4,11 +4,12 @@ Sampling one code of a small model is bound by per-operator overhead and by read
 weights, not by arithmetic: through the modules, a step of the benchmark's config A cost about
 230 operators (module calls, token shift's slices, rotary's slices and concatenation, separate
 residual adds and scales). `DecodeStep` computes the same function (eval mode: no dropout) from
-the same weights and cache with about 140: token shift is one ``index_select`` over the
+the same weights and cache with 80: token shift is one ``index_select`` over the
 flattened history with per-position indices made once per generation call (the history's
-extra last row is zeros, for neighbours off the grid), queries, keys and values go through one
-matmul with per-position matrices (rotations for q and k, the identity for v), a position's key
-and value are stored with one copy through a per-position view of the cache, and each
+extra last row is zeros, for neighbours off the grid); queries, keys and values go through one
+matmul with per-position matrices (rotations for q and k, the identity for v); a position's key
+and value are stored with one copy through a per-position view of the cache; the first product
+of each branch goes into a buffer reused every step, whose views are made once; and each
 LayerScale branch joins the residual in one ``addcmul``. Tests compare it with the forward token
 by token, and cached generation through it with the uncached module path."""
 
