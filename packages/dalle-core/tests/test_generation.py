@@ -8,7 +8,7 @@ from conftest import TEXT_SEQ_LEN, tiny_dalle
 
 from dalle_core import CLIP
 from dalle_core.decode_step import DecodeStep, _IntoBuffer, rotation_matrices
-from dalle_core.sampling import Sampler, gumbel_noise, top_k, top_p_filter
+from dalle_core.sampling import Sampler, gumbel_noise, keep_count, top_p_filter
 from dalle_core.tokenizers import ByteTokenizer
 from dalle_core.transformer import apply_rotary, rotary_tables
 
@@ -219,8 +219,9 @@ def test_bad_generation_arguments(text):
 
 
 def test_top_k_keeps_the_largest_share():
-    values, indices = top_k(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), 0.5)
-    assert values.tolist() == [[4.0, 3.0]] and indices.tolist() == [[1, 2]]
+    assert keep_count(0.5, 4) == 2 and keep_count(0.9, 512) == 51 and keep_count(0.99, 10) == 1
+    greedy = sampler(1, 4, 0, filter_thres=0.5, temperature=0.0)
+    assert greedy.k == 2 and greedy(torch.tensor([[1.0, 4.0, 3.0, 2.0]])).tolist() == [1]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():

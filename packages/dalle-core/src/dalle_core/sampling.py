@@ -10,21 +10,16 @@ NOISE_CHUNK_VALUES = 1 << 20
 
 
 def keep_count(thres: float, vocab: int) -> int:
-    """How many logits top-k filtering with ``filter_thres=thres`` keeps of ``vocab``."""
+    """How many logits top-k filtering with ``filter_thres=thres`` keeps of ``vocab``:
+    ``max(1, (1 - thres) * vocab)``, the largest."""
     if not 0.0 <= thres < 1.0:
         raise ValueError(f"filter_thres must be in [0, 1), got {thres}")
     return max(int((1 - thres) * vocab), 1)
 
 
-def top_k(logits: Tensor, thres: float) -> tuple[Tensor, Tensor]:
-    """The ``max(1, (1 - thres) * vocab)`` largest logits of ``[B, V]``: values and their
-    indices ``[B, k]``, largest first."""
-    return logits.topk(keep_count(thres, logits.shape[-1]), dim=-1)
-
-
 def top_p_filter(sorted_logits: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of logits whose probability mass reaches ``top_p`` (at least one);
-    the rest -> -inf. ``sorted_logits [B, k]`` are sorted largest first, as `top_k` gives them."""
+    the rest -> -inf. ``sorted_logits [B, k]`` are sorted largest first, as ``topk`` gives them."""
     probs = sorted_logits.softmax(dim=-1)
     remove = probs.cumsum(dim=-1) - probs >= top_p  # mass before this one
     return sorted_logits.masked_fill(remove, float("-inf"))
