@@ -535,7 +535,8 @@ def render_readme(results: dict) -> str:
         f"stay in the 2 MB L2 caches) take {g['ours_cached']['step_matmuls_s'] * 1000:.0f} ms, "
         f"{g['ours_cached']['step_matmuls_s'] * 1e6 / (g['codes_per_call'] / g['images'] - 1):.0f} us "
         "per step, measured in turns with the calls. Everything else of a step (attention, norms, "
-        "token shift, cache writes, sampling: `dalle_core.decode_step`), the prompt's forward pass and "
+        "token shift, cache writes: `dalle_core.decode_step`; sampling: `dalle_core.sampling`), the "
+        "prompt's forward pass and "
         "the VAE decode come on top; 2,000 codes/s would leave 128 ms for the whole call.",
         "",
         "## Peak memory (training)",

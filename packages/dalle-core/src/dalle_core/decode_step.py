@@ -21,7 +21,14 @@ from torch import Tensor, nn
 
 from dalle_core.attention.kernels import AttentionKernel
 from dalle_core.layers import LayerScale
-from dalle_core.transformer import Attention, BranchCache, KernelSelector, LayerCache, Transformer
+from dalle_core.transformer import (
+    Attention,
+    BranchCache,
+    KernelSelector,
+    LayerCache,
+    Transformer,
+    apply_rotary,
+)
 
 
 def _layer_norm_args(norm: nn.LayerNorm) -> tuple:
@@ -173,13 +180,8 @@ class DecodeStep:
 
 def rotation_matrices(cos: Tensor, sin: Tensor, rot: int) -> Tensor:
     """`apply_rotary` as matrices: ``[n, D, D]`` from its tables ``cos, sin [n, D]``, so that
-    ``x @ rotation[p] == apply_rotary(x, cos[p], sin[p], rot)`` for ``x [..., D]``."""
+    ``x @ rotation[p] == apply_rotary(x, cos[p], sin[p], rot)`` for ``x [..., D]`` (row ``i``
+    of ``rotation[p]`` is the rotated unit vector ``e_i``; the rotation is linear)."""
     n, dim_head = cos.shape
-    half = rot // 2
-    # output feature j reads x_j * cos_j + x_source(j) * sin_j (sin is 0 beyond rot)
-    features = torch.arange(dim_head, device=cos.device)
-    source = torch.cat((features[half:rot], features[:half], features[rot:]))
-    rotation = cos.new_zeros(n, dim_head, dim_head)
-    rotation[:, features, features] = cos
-    rotation[:, source, features] += sin
-    return rotation
+    identity = torch.eye(dim_head, dtype=cos.dtype, device=cos.device).expand(n, dim_head, dim_head)
+    return apply_rotary(identity, cos[:, None], sin[:, None], rot)

@@ -34,9 +34,8 @@ def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, devi
 
 class Sampler:
     """Draws one token per row from logits ``[rows, vocab]``, once per generation step (at most
-    ``steps`` times):
-    top-k (``filter_thres``), then nucleus (``top_p``), then Gumbel-max at ``temperature``
-    (0 = greedy). Draws only among the kept logits (the rest have probability 0), so the noise
+    ``steps`` times): top-k (``filter_thres``), then nucleus (``top_p``), then Gumbel-max at
+    ``temperature`` (0 = greedy). Draws only among the kept logits (the rest have probability 0), so the noise
     per step is ``[rows, k]``; it is drawn ahead for many steps at once (``argmax(logits / T +
     g)`` is drawn as ``argmax(logits + T g)``), which leaves five operators a step.
 

@@ -263,8 +263,6 @@ class TokenShift(nn.Module):
         above = torch.where(row > 0, positions - fmap_size, -1)
         left = torch.where(col > 0, positions - 1, -1)
         sources = (torch.where(is_text, previous, above), torch.where(is_text, previous, left))  # [seq_len]
-        self.register_buffer("source_a", sources[0], persistent=False)  # -1: no neighbour
-        self.register_buffer("source_b", sources[1], persistent=False)
         self.register_buffer("index_a", sources[0].clamp(min=0), persistent=False)
         self.register_buffer("index_b", sources[1].clamp(min=0), persistent=False)
         self.register_buffer("keep_a", (sources[0] >= 0).float()[:, None], persistent=False)  # [seq_len, 1]
@@ -290,9 +288,9 @@ class TokenShift(nn.Module):
         flat indices. A missing neighbour reads row ``max_len``, which `Transformer.new_cache`
         keeps at zero."""
         dim, q = 4 * self.quarter, self.quarter
-        missing = torch.tensor(max_len, device=self.source_a.device)
-        source_a = torch.where(self.source_a[:max_len] < 0, missing, self.source_a[:max_len])
-        source_b = torch.where(self.source_b[:max_len] < 0, missing, self.source_b[:max_len])
+        missing = torch.tensor(max_len, device=self.index_a.device)
+        source_a = torch.where(self.keep_a[:max_len, 0] > 0, self.index_a[:max_len], missing)
+        source_b = torch.where(self.keep_b[:max_len, 0] > 0, self.index_b[:max_len], missing)
         features = torch.arange(dim, device=missing.device)
         own = torch.arange(len(source_a), device=missing.device)
         rows = torch.where(
