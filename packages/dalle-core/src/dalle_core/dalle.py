@@ -9,6 +9,7 @@ as one batch, each row with its own cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalle_core.compiled_step import compiled_step
 from dalle_core.decode_step import DecodeStep
 from dalle_core.interfaces import TOKENIZER_CONFIG, ImageVAE, Tokenizer
 from dalle_core.layers import DivideMax
@@ -248,11 +250,15 @@ class DALLE(PretrainedMixin, nn.Module):
         out = self.transformer(
             tokens, offset=offset, key_padding_mask=key_padding_mask, cache=cache, last_only=last_only
         )
+        return self._output_norm(out)
+
+    def _output_norm(self, out: Tensor) -> Tensor:
+        """The transformer's output ``[..., dim]`` -> the final hidden states the heads read."""
         return self.final_norm(self.norm_by_max(out))
 
     def _next_hidden(self, step: DecodeStep, token: Tensor, position: int) -> Tensor:
         """One cached step: ``token [rows, dim]`` at sequence ``position`` -> ``[rows, dim]``."""
-        return self.final_norm(self.norm_by_max(step(token, position)))
+        return self._output_norm(step(token, position))
 
     def _text_logits(self, hidden: Tensor) -> Tensor:
         """``[..., dim]`` -> ``[..., num_text_tokens + text_seq_len]``."""
@@ -339,6 +345,7 @@ class DALLE(PretrainedMixin, nn.Module):
         cond_scale: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Sample images ``[B, C, H, W]`` in [0, 1] for ``text [B, text_seq_len]``.
 
@@ -346,12 +353,14 @@ class DALLE(PretrainedMixin, nn.Module):
         each step; ``top_p``: nucleus sampling on top; ``img`` + ``num_init_img_tokens``: prime
         with the first codes of an image (default 14/32 of them, as in the paper);
         ``cond_scale``: classifier-free guidance; ``clip``: also return its scores ``[B]``.
-        The same ``generator`` state gives the same images, cached or not.
+        The same ``generator`` state gives the same images, cached or not. ``compile``: run the
+        cached step compiled ahead of time for this model and batch shape (CPU; the first call
+        compiles for tens of seconds, later calls are faster; see `dalle_core.compiled_step`).
         """
         codes = self.generate_image_codes(
             text, mask=mask, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
             img=img, num_init_img_tokens=num_init_img_tokens, cond_scale=cond_scale,
-            use_cache=use_cache, generator=generator,
+            use_cache=use_cache, generator=generator, compile=compile,
         )
         with torch.autocast(codes.device.type, enabled=False):
             images = self.vae.decode(codes)
@@ -373,8 +382,11 @@ class DALLE(PretrainedMixin, nn.Module):
         cond_scale: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> Tensor:
         """As `generate_images`, returning the codes ``LongTensor[B, image_seq_len]``."""
+        if compile and not use_cache:
+            raise ValueError("compile=True compiles the cached step: it needs use_cache=True")
         text = self._check_text(text)
         batch = text.shape[0]
         codes = text.new_empty(batch, self.image_seq_len)
@@ -400,8 +412,7 @@ class DALLE(PretrainedMixin, nn.Module):
             top_p=top_p, temperature=temperature, generator=generator, device=text.device,
         )
 
-        def step_logits(hidden_last: Tensor) -> Tensor:  # [rows, dim] -> [batch, Vi]
-            logits = self._image_logits(hidden_last)
+        def guided_logits(logits: Tensor) -> Tensor:  # [rows, Vi] -> [batch, Vi]
             if logits.dtype != torch.float32:
                 logits = logits.float()
             if guided:  # uncond + (cond - uncond) * cond_scale
@@ -420,29 +431,41 @@ class DALLE(PretrainedMixin, nn.Module):
             cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
             tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, n_prime), 0)), dim=1)
             hidden = self._hidden(tokens, 0, key_padding_mask, cache, last_only=True)[:, 0]
-            step = None
+            logits = self._image_logits(hidden)  # [rows, Vi]
             if use_cache:
-                step = DecodeStep(self.transformer, cache, self.text_len + n_prime, key_padding_mask)
+                next_logits = self._step_logits(cache, hidden, key_padding_mask, n_prime, compile)
                 position_emb = None  # per grid position: [dim], added to the new code's embedding
                 if self.image_row_emb is not None:
                     position_emb = self._image_pos_emb(0, self.image_seq_len).unbind(0)
             code_columns = codes.unbind(1)  # [batch] each
             for position in range(n_prime, self.image_seq_len):
-                sample = sampler(step_logits(hidden))  # [batch]
+                sample = sampler(guided_logits(logits))  # [batch]
                 code_columns[position].copy_(sample)
                 if position == self.image_seq_len - 1:
                     break
-                if step is not None:
+                if use_cache:
                     new = self.image_emb(sample.repeat(2) if guided else sample)  # [rows, dim]
                     if position_emb is not None:
                         new = new + position_emb[position]
-                    hidden = self._next_hidden(step, new, self.text_len + position)
+                    logits = next_logits(new, self.text_len + position)
                 else:
                     tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, position + 1), 0)), dim=1)
                     hidden = self._hidden(tokens, 0, key_padding_mask, last_only=True)[:, 0]
+                    logits = self._image_logits(hidden)
         finally:
             self.train(was_training)
         return codes
+
+    def _step_logits(
+        self, cache: list[LayerCache], hidden: Tensor, key_padding_mask: Tensor | None, n_prime: int,
+        compile: bool,
+    ) -> Callable[[Tensor, int], Tensor]:
+        """Cached generation's step after the prompt: ``(token [rows, dim], position) -> image
+        logits [rows, Vi]``, eager (`DecodeStep`) or compiled (`compiled_step`)."""
+        if compile:
+            return compiled_step(self, cache, hidden).bind(cache, key_padding_mask)
+        step = DecodeStep(self.transformer, cache, self.text_len + n_prime, key_padding_mask)
+        return lambda token, position: self._image_logits(self._next_hidden(step, token, position))
 
     @torch.no_grad()
     def generate_texts(

@@ -116,15 +116,8 @@ class DecodeStep:
         if transformer.shift is not None:  # per step: [dim] flat indices into the history
             self.shift_index = transformer.shift.gather_index(max_len)[start:].unbind(0)
         self.rotation = None
-        if transformer.rotary_cos is not None:
-            rotation = rotation_matrices(
-                transformer.rotary_cos[start:max_len], transformer.rotary_sin[start:max_len],
-                transformer.rotary_features,
-            ).to(like.dtype)  # [n, D, D], x @ rotation[i] = apply_rotary(x) at position start + i
-            identity = torch.eye(rotation.shape[-1], dtype=like.dtype, device=like.device)
-            # per step: [3, D, D] for (q, k, v): rotate queries and keys, keep values
-            identity = identity.expand_as(rotation)
-            self.rotation = torch.stack((rotation, rotation, identity), dim=1).unbind(0)
+        if transformer.rotary_cos is not None:  # per step: [3, D, D]
+            self.rotation = qkv_rotations(transformer, start, max_len, like.dtype).unbind(0)
         kernels = transformer.kernels
         options = dict(
             like=like, rotary=self.rotation is not None, autocast=torch.is_autocast_enabled(like.device.type)
@@ -176,6 +169,17 @@ class DecodeStep:
             q_offset=position, key_padding_mask=mask,
         )  # [rows, H, 1, D]
         return F.linear(out.reshape(h.shape[0], -1), *branch.proj_out)
+
+
+def qkv_rotations(transformer: Transformer, start: int, end: int, dtype: torch.dtype) -> Tensor:
+    """Per position ``p`` in ``start .. end - 1``: ``[3, D, D]`` matrices for (q, k, v) of one
+    token, rotating queries and keys (`rotation_matrices`) and keeping values:
+    ``[end - start, 3, D, D]``."""
+    rotation = rotation_matrices(
+        transformer.rotary_cos[start:end], transformer.rotary_sin[start:end], transformer.rotary_features
+    ).to(dtype)  # [n, D, D]
+    identity = torch.eye(rotation.shape[-1], dtype=dtype, device=rotation.device).expand_as(rotation)
+    return torch.stack((rotation, rotation, identity), dim=1)
 
 
 def rotation_matrices(cos: Tensor, sin: Tensor, rot: int) -> Tensor:
