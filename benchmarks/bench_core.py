@@ -615,7 +615,8 @@ def render_readme(results: dict) -> str:
         "per-operator overhead, not by FLOPs.",
         "- `compile=True`: the first call compiles the step (its time is reported above) and is not "
         "timed; its codes must equal the eager path's before anything is timed. A compiled step of config "
-        "A, profiled with inductor's kernel profiling on (`cpp.enable_kernel_profile`), spent about 600 "
+        "A, profiled with inductor's kernel profiling on (`cpp.enable_kernel_profile`, 100 steps under "
+        "`torch.profiler`), spent about 580 "
         "of its 870 us in the GEMM kernels (the feed-forward's first product 63 us, its second 42, qkv "
         "25, the attention output 10, per layer) and 48 us per layer in the fused attention kernel.",
         "- Profile a case with `benchmarks/profile_core.py` (self time per operator and per source line).",
