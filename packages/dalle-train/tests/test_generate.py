@@ -109,6 +109,14 @@ def test_same_seed_same_images_and_the_flags_mean_what_generate_images_does(mode
     assert torch.allclose(first, expected, atol=0.5 / 255 + 1e-6)  # PNG holds 8 bits
 
 
+def test_compile_gives_the_same_images(model_dir, tmp_path):
+    options = ("--seed", "5", "--num_images", "2", "--cond-scale", "2")
+    assert generate(model_dir, tmp_path / "eager", *options, text="a cat") == 0
+    assert generate(model_dir, tmp_path / "compiled", *options, "--compile", text="a cat") == 0
+    eager, compiled = (read_images(tmp_path / name / "a-cat", 2) for name in ("eager", "compiled"))
+    assert torch.equal(eager, compiled)
+
+
 def test_run_directory_gentext_and_precision(model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(model_dir, run / "checkpoints" / "step-4")
@@ -158,6 +166,7 @@ def test_duplicate_prompts_get_their_own_folders(model_dir, tmp_path):
         (["--tokenizer", "nope"], "unknown tokenizer 'nope'; available: bytes"),
         (["--hug"], "--hug reads a Hugging Face tokenizer JSON file"),
         (["--device", "nodevice"], "--device nodevice: not usable here"),
+        (["--compile", "--precision", "bf16"], "--compile compiles the generation step for the CPU in fp32"),
     ],
 )
 def test_errors_are_one_line(model_dir, tmp_path, capsys, extra, message):
