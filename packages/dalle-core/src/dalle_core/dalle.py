@@ -3,8 +3,9 @@
 Text padding (id 0) becomes a unique id per position, so the model learns where captions end;
 text positions predict text, image positions predict image codes. Each of the two heads only
 computes its own vocabulary (no logits that would be masked away). Generation runs with a
-preallocated key/value cache; classifier-free guidance runs conditional and unconditional rows
-as one batch, each row with its own cache.
+preallocated key/value cache, its step eager (`DecodeStep`) or compiled ahead of time
+(``compile=True``, `compiled_step`); classifier-free guidance runs conditional and
+unconditional rows as one batch, each row with its own cache.
 """
 
 from __future__ import annotations
