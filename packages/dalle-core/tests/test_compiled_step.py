@@ -31,9 +31,11 @@ def test_position_step_equals_decode_step_at_every_position(options):
         cache = transformer.new_cache(2, seq_len, x)
         transformer(x[:, :start], key_padding_mask=keep, cache=cache)
         tensors = [cache_tensors(cache), cache_tensors(transformer.new_cache(2, seq_len, x))]
-        for ours, theirs in zip(*tensors):
-            for a, b in zip(ours, theirs):
-                b.copy_(a)
+        for written, copy in zip(tensors[0][0], tensors[1][0]):  # keys and values
+            copy.fill_(float("nan"))  # positions not yet written: masked, never multiplied
+            copy[:, :, :, :start] = written[:, :, :, :start]
+        for written, copy in zip(tensors[0][1], tensors[1][1]):  # token shift's histories
+            copy.copy_(written)
         step = DecodeStep(transformer, cache, start, keep)
         position_step = PositionStep(dalle, seq_len).eval()
         for position in range(start, seq_len):

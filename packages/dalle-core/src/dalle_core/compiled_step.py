@@ -120,11 +120,13 @@ class PositionStep(nn.Module):
             qkv = torch.matmul(qkv, rotation)  # rotate queries and keys, keep values
         kv.index_copy_(3, position, qkv[:, 1:, :, None])  # kv [rows, 2, H, max_len, D]
         allowed = getattr(self, f"mask_{fn.pattern.kind}").index_select(0, position) & key_padding_mask
-        # one query per row: elementwise products and sums, which the compiler fuses into a
-        # couple of loops (the SDPA kernel cost more per call than all the arithmetic)
-        scores = (kv[:, 0] * qkv[:, 0, :, None]).sum(-1) * fn.dim_head**-0.5  # [rows, H, max_len]
-        weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
-        out = (weights[..., None] * kv[:, 1]).sum(-2)  # [rows, H, D]
+        allowed = allowed[:, None, :, None]  # [rows, 1, max_len, 1]
+        # one query per row: elementwise products and sums, which the compiler fuses into one
+        # kernel (the SDPA kernel cost more per call than all the arithmetic). Positions not yet
+        # written hold whatever memory held, NaN included: masked, never multiplied.
+        scores = (kv[:, 0] * qkv[:, 0, :, None]).sum(-1, keepdim=True) * fn.dim_head**-0.5
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=2)  # [rows, H, max_len, 1]
+        out = torch.where(allowed, weights * kv[:, 1], 0.0).sum(2)  # [rows, H, D]
         return fn.to_out(out.reshape(rows, -1))
 
 

@@ -397,11 +397,9 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, like: Tensor) -> list[LayerCache]:
         """Preallocate a cache for ``batch`` rows of up to ``max_len`` positions (token shift's
-        history has one more row, of zeros, for `TokenShift.gather_index`). Keys and values
-        start at zero: the compiled step attends over the whole cache under a mask, and a
-        masked key's weight, exactly zero, must not meet a NaN left in unwritten memory."""
+        history has one more row, of zeros, for `TokenShift.gather_index`)."""
         def branch(attention: bool) -> BranchCache:
-            kv = like.new_zeros(batch, 2, self.heads, max_len, self.dim_head) if attention else None
+            kv = like.new_empty(batch, 2, self.heads, max_len, self.dim_head) if attention else None
             history = None
             if self.shift is not None:
                 history = like.new_empty(batch, max_len + 1, self.dim)
