@@ -54,13 +54,16 @@ def test_compiled_generation_samples_the_eager_codes_and_follows_weight_changes(
             text, generator=torch.Generator().manual_seed(4), compile=compile, **kwargs
         )
 
-    assert torch.equal(codes(True), codes(False))
+    before = codes(False)
+    assert torch.equal(codes(True), before)
     first = compiled._COMPILED[dalle][1]
-    assert torch.equal(codes(True), codes(False))
-    assert compiled._COMPILED[dalle][1] is first  # compiled once
+    assert torch.equal(codes(True), before)
+    assert compiled._COMPILED[dalle][1] is first and len(first) == 1  # compiled once
     with torch.no_grad():
         dalle.transformer.ff_branches[1].scale.mul_(30.0)  # as an optimizer step would
-    assert torch.equal(codes(True), codes(False))
+    after = codes(False)
+    assert not torch.equal(after, before)  # the change shows in the codes
+    assert torch.equal(codes(True), after)
     assert compiled._COMPILED[dalle][1] is not first  # recompiled for the new weights
 
 
