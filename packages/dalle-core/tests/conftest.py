@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dalle_core import DALLE, DiscreteVAE
+from dalle_core.attention.patterns import PATTERNS
 
 TEXT_SEQ_LEN = 6
 NUM_TEXT_TOKENS = 50
@@ -25,6 +26,28 @@ def tiny_dalle(**overrides) -> DALLE:
     )
     kwargs.update(overrides)
     return DALLE(**kwargs)
+
+
+ALL_TYPES = PATTERNS  # every attention type
+
+#: options of the one-token step tests, on top of every attention type
+STEP_OPTIONS = [
+    {}, {"rotary_emb": False, "shift_tokens": False}, {"reversible": True},
+    {"sandwich_norm": True, "stable": True, "share_input_output_emb": True},
+    {"attn_types": ("conv_like", "sparse"), "shared_attn_ids": (0, 1, 0, 1, 2),
+     "shared_ff_ids": (0, 0, 1, 1, 0)},
+]
+
+
+def step_case(options: dict) -> tuple[DALLE, torch.Tensor, torch.Tensor, int]:
+    """A float64 DALLE of depth 5 over every attention type (with ``options``), inputs ``x [2,
+    seq_len, 32]``, a padding mask ``[2, seq_len]`` (the second row's text partly padded) and
+    the first position the one-token step runs for."""
+    dalle = tiny_dalle(**{"attn_types": ALL_TYPES, "depth": 5, **options}).double().eval()
+    x = torch.randn(2, dalle.seq_len, 32, dtype=torch.float64)
+    keep = torch.ones(2, dalle.seq_len, dtype=torch.bool)
+    keep[1, 4:7] = False
+    return dalle, x, keep, dalle.text_len + 3
 
 
 @pytest.fixture(autouse=True)

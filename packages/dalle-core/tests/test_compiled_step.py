@@ -5,28 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_dalle
+from conftest import STEP_OPTIONS, step_case, tiny_dalle
 
 from dalle_core import compiled_step as compiled
 from dalle_core.compiled_step import PositionStep, cache_tensors
 from dalle_core.decode_step import DecodeStep
 
-ALL_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
 
-
-@pytest.mark.parametrize(
-    "options",
-    [{}, {"rotary_emb": False, "shift_tokens": False}, {"reversible": True},
-     {"sandwich_norm": True, "stable": True, "share_input_output_emb": True},
-     {"attn_types": ("conv_like", "sparse"), "shared_attn_ids": (0, 1, 0, 1, 2),
-      "shared_ff_ids": (0, 0, 1, 1, 0)}],
-)
+@pytest.mark.parametrize("options", STEP_OPTIONS)
 def test_position_step_equals_decode_step_at_every_position(options):
-    dalle = tiny_dalle(**{"attn_types": ALL_TYPES, "depth": 5, **options}).double().eval()
-    transformer, seq_len, start = dalle.transformer, dalle.seq_len, dalle.text_len + 3
-    x = torch.randn(2, seq_len, 32, dtype=torch.float64)
-    keep = torch.ones(2, seq_len, dtype=torch.bool)
-    keep[1, 4:7] = False  # padded text in the second row
+    dalle, x, keep, start = step_case(options)
+    transformer, seq_len = dalle.transformer, dalle.seq_len
     with torch.no_grad():
         cache = transformer.new_cache(2, seq_len, x)
         transformer(x[:, :start], key_padding_mask=keep, cache=cache)

@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import NUM_TEXT_TOKENS, TEXT_SEQ_LEN, tiny_dalle, tiny_vae
+from conftest import ALL_TYPES, NUM_TEXT_TOKENS, TEXT_SEQ_LEN, tiny_dalle, tiny_vae
 from safetensors.torch import load_file, save_file
 
 from dalle_core import DALLE, DiscreteVAE
 from dalle_core.plugins import UnknownPluginError
 from dalle_core.tokenizers import ByteTokenizer
-
-ALL_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
 
 
 def test_upstream_readme_example_runs_small():

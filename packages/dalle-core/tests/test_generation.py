@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEXT_SEQ_LEN, tiny_dalle
+from conftest import ALL_TYPES, STEP_OPTIONS, TEXT_SEQ_LEN, step_case, tiny_dalle
 
 from dalle_core import CLIP
 from dalle_core.decode_step import DecodeStep, _IntoBuffer, rotation_matrices
 from dalle_core.sampling import Sampler, gumbel_noise, keep_count, top_p_filter
 from dalle_core.tokenizers import ByteTokenizer
 from dalle_core.transformer import apply_rotary, rotary_tables
-
-ALL_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
 
 
 def generate(dalle, text, seed, **kwargs):
@@ -33,19 +31,10 @@ def test_cached_equals_uncached_for_every_attention_type(text, attn_type, option
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{}, {"rotary_emb": False, "shift_tokens": False}, {"reversible": True},
-     {"sandwich_norm": True},
-     {"attn_types": ("conv_like", "sparse"), "shared_attn_ids": (0, 1, 0, 1, 2),
-      "shared_ff_ids": (0, 0, 1, 1, 0)}],
-)
+@pytest.mark.parametrize("options", STEP_OPTIONS)
 def test_decode_step_equals_the_forward_one_token_at_a_time(options):
-    dalle = tiny_dalle(**{"attn_types": ALL_TYPES, "depth": 5, **options}).double().eval()
-    transformer, seq_len, start = dalle.transformer, dalle.seq_len, dalle.text_len + 3
-    x = torch.randn(2, seq_len, 32, dtype=torch.float64)
-    keep = torch.ones(2, seq_len, dtype=torch.bool)
-    keep[1, 4:7] = False  # padded text in the second row
+    dalle, x, keep, start = step_case(options)
+    transformer, seq_len = dalle.transformer, dalle.seq_len
     with torch.no_grad():
         expected = transformer(x, key_padding_mask=keep)  # [2, seq_len, 32]
         cache = transformer.new_cache(2, seq_len, x)
