@@ -616,9 +616,11 @@ def render_readme(results: dict) -> str:
         "- `compile=True`: the first call compiles the step (its time is reported above) and is not "
         "timed; its codes must equal the eager path's before anything is timed. A compiled step of config "
         "A, profiled with inductor's kernel profiling on (`cpp.enable_kernel_profile`, 100 steps under "
-        "`torch.profiler`), spent about 580 "
-        "of its 870 us in the GEMM kernels (the feed-forward's first product 63 us, its second 42, qkv "
-        "25, the attention output 10, per layer) and 48 us per layer in the fused attention kernel.",
+        "`torch.profiler`, 02:36 UTC on the final code), took 640 us, 400 of them in the GEMM kernels "
+        "(per layer: the feed-forward's first product 47 us, its second 25, qkv 18, the attention output "
+        "8; the image head 13) and 37 to 40 us per layer in the fused attention kernel. In an earlier "
+        "profile (a slower host state, 870 us a step), the `scaled_dot_product_attention` call it "
+        "replaced took 111 us per layer against 48 for the fused kernel.",
         "- Profile a case with `benchmarks/profile_core.py` (self time per operator and per source line).",
         "- `results-cpu.json` holds every figure, with the individual step times.",
     ]
