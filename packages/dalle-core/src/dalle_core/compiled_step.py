@@ -12,10 +12,10 @@ against 48 us, than all the arithmetic of one query). The graph ends in the imag
 `compiled_step` exports it (``torch.export``) and compiles it with AOTInductor, freezing the
 model's weights into the compiled artifact: products become C++ GEMM kernels over weights
 packed once for few rows, and the operators between them fuse into a few kernels a layer.
-Compiling takes tens of seconds (about 30 s for the benchmark's config A on 2 cores), so it is
-opt-in. Compiled steps are kept per model and call shape, and dropped when any parameter or
-buffer of the model changes (an optimizer step, ``load_state_dict``), since their weights are
-copies.
+Compiling takes tens of seconds (30 to 40 s for the benchmark's config A on 2 cores), so it is
+opt-in. Compiled steps are kept per model and call shape, and dropped when a parameter or saved
+buffer of the model changes through PyTorch (an optimizer step, ``load_state_dict``), since
+their weights are copies; writes through ``.data`` bypass the version counters this reads.
 """
 
 from __future__ import annotations
