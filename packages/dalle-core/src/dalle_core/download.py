@@ -20,7 +20,7 @@ Typical use in a plugin::
 
     WEIGHTS = RemoteFile("https://example.org/weights.pt", "my-plugin/weights.pt", sha256=None)
     local = resolve(weights_path or WEIGHTS, argument="weights_path", cache_dir=cache_dir)
-    state = torch.load(local.path); config["source"] = local.record()
+    state = torch.load(local.path, weights_only=True); config["source"] = local.record()
 """
 
 from __future__ import annotations

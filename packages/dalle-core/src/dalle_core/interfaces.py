@@ -7,6 +7,7 @@ object that fits can be plugged in, registered or not.
 from __future__ import annotations
 
 import json
+import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -166,4 +167,12 @@ class DistributedBackend(ABC):
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Load training state saved by `save_checkpoint` (tensors only, no pickled code)."""
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(Path(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = str(error).rsplit("WeightsUnpickler error:", 1)[-1].strip()
+            refused = (reason.splitlines() or [type(error).__name__])[0].split(". Please use")[0]
+            raise pickle.UnpicklingError(
+                f"{path} is not loaded: training state is read as tensors and plain data only, and "
+                f"this file is not that ({refused}); nothing in it was run"
+            ) from error

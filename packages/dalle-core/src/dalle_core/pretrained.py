@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 CONFIG_NAME = "config.json"
@@ -88,7 +89,11 @@ def load_state_strict(model: torch.nn.Module, path: Path, skip_prefixes: tuple[s
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint has no weights")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except SafetensorError as error:  # e.g. a pickle (torch.save) file: never unpickled here
+        raise ValueError(f"{path} is not a safetensors file ({error}); weights are only read "
+                         f"from safetensors, as written by save_pretrained") from error
     expected = {k for k in model.state_dict() if not k.startswith(skip_prefixes)}
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
