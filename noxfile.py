@@ -14,6 +14,7 @@ ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
 CONSTRAINTS = str(ROOT / ".ci" / "constraints.txt")
 PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").is_file())
+MUTMUT = "mutmut==3.8.1"
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -48,18 +49,45 @@ def extra_install_steps(package: str, when: str) -> list[list[str]]:
     return pyproject(package).get("tool", {}).get("dalle", {}).get("install", {}).get(when, [])
 
 
-@nox.session
-@nox.parametrize("package", PACKAGES)
-def tests(session: nox.Session, package: str) -> None:
-    """Run one package's tests in an environment with only it and its dependencies."""
+#: packages with a ``[tool.mutmut]`` table: the ``mutants`` session runs for them
+MUTATED = [name for name in PACKAGES if "mutmut" in pyproject(name).get("tool", {})]
+
+
+def install_package(session: nox.Session, package: str, *extra: str) -> None:
+    """Install ``package`` with its test extra, its in-repo dependencies and ``extra``
+    requirements, torch pinned, with the package's own extra install steps."""
     session.install(TORCH)
     for step in extra_install_steps(package, "before"):
         session.install("-c", CONSTRAINTS, *step)
     siblings = [str(ROOT / "packages" / name) for name in sibling_dependencies(package)]
-    install(session, *siblings, f"{ROOT / 'packages' / package}[test]")
+    install(session, *siblings, f"{ROOT / 'packages' / package}[test]", *extra)
     for step in extra_install_steps(package, "after"):
         session.install("-c", CONSTRAINTS, *step)
+
+
+@nox.session
+@nox.parametrize("package", PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    """Run one package's tests in an environment with only it and its dependencies."""
+    install_package(session, package)
     session.run("python", "-m", "pytest", str(ROOT / "packages" / package / "tests"), *session.posargs)
+
+
+@nox.session
+@nox.parametrize("package", MUTATED)
+def mutants(session: nox.Session, package: str) -> None:
+    """Mutation testing with mutmut of the modules in a package's ``[tool.mutmut] only_mutate``
+    (those that carry the READMEs' promises), then the table of killed and surviving mutants.
+
+    Not part of the default sessions (it takes long). Results are cached in
+    ``packages/<package>/mutants/``: a rerun only runs the mutants of changed functions. Pass
+    mutant-name patterns to run one module: ``nox -s "mutants(package='dalle-core')" --
+    "dalle_core.sampling*"``. See benchmarks/mutants.md.
+    """
+    install_package(session, package, MUTMUT)
+    with session.chdir(ROOT / "packages" / package):
+        session.run("mutmut", "run", *session.posargs)
+    session.run("python", str(ROOT / "benchmarks" / "mutants_report.py"), package)
 
 
 @nox.session

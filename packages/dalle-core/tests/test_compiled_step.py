@@ -33,6 +33,7 @@ def test_position_step_equals_decode_step_at_every_position(options):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_compiled_generation_samples_the_eager_codes_and_follows_weight_changes(text):
     dalle = tiny_dalle(attn_types=("full", "conv_like"), sandwich_norm=True).eval()
     image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
