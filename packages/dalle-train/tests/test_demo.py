@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from dalle_train.cli import main
 
 
+@pytest.mark.slow
 def test_demo_quick_trains_generates_and_writes_pictures(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--threads", "1", "--seed", "3", "--output-dir", str(out)]) == 0

@@ -109,6 +109,7 @@ def test_same_seed_same_images_and_the_flags_mean_what_generate_images_does(mode
     assert torch.allclose(first, expected, atol=0.5 / 255 + 1e-6)  # PNG holds 8 bits
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_images(model_dir, tmp_path):
     options = ("--seed", "5", "--num_images", "2", "--cond-scale", "2")
     assert generate(model_dir, tmp_path / "eager", *options, text="a cat") == 0

@@ -63,6 +63,7 @@ class Part:
 
     def __init__(self, dataset: Any, indices: range) -> None:
         self.dataset, self.indices = dataset, indices
+        self.report = getattr(dataset, "report", None)  # where the loader merges workers' skips
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -12,7 +12,14 @@ from typing import Any
 from dalle_core import CLIP
 from dalle_core.plugins import load_tokenizer
 from dalle_train.choices import add_tokenizer_flags, tokenizer_from_args
-from dalle_train.commands.common import add_data_flags, add_run_flags, add_training_flags, fit, prepare_run
+from dalle_train.commands.common import (
+    add_data_flags,
+    add_run_flags,
+    add_training_flags,
+    fit,
+    load_model,
+    prepare_run,
+)
 from dalle_train.datasets import captioned_dataset, make_batches, split_held_out
 from dalle_train.flags import add_flag
 from dalle_train.tasks.clip import ClipTask
@@ -46,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     """Train; returns the exit code."""
     run_ = prepare_run(args, FIXED)
     if run_.resume_from is not None:
-        model = CLIP.from_pretrained(run_.resume_from)
+        model = load_model(CLIP, run_.resume_from)
         tokenizer = load_tokenizer(run_.out / TOKENIZER_DIR)
     else:
         tokenizer = tokenizer_from_args(args)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dalle_train.choices import as_train_error
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.training.checkpoints import load_state, resume_dir
@@ -123,6 +124,12 @@ class Run:
     #: the checkpoint directory and its training state, when resuming
     resume_from: Path | None = None
     resume_state: dict[str, Any] | None = None
+
+
+def load_model(cls: Any, directory: Path) -> Any:
+    """``cls.from_pretrained(directory)``; a checkpoint that cannot be read (missing, foreign or
+    unsafe files) is a `TrainError` naming it."""
+    return as_train_error(f"checkpoint {directory}", lambda: cls.from_pretrained(directory))
 
 
 def saved_flags(args: argparse.Namespace) -> dict[str, Any]:

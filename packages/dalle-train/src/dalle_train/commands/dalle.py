@@ -13,7 +13,14 @@ from typing import Any
 from dalle_core import DALLE
 from dalle_core.plugins import UnknownPluginError
 from dalle_train.choices import add_tokenizer_flags, add_vae_flags, tokenizer_from_args, vae_from_args
-from dalle_train.commands.common import add_data_flags, add_run_flags, add_training_flags, fit, prepare_run
+from dalle_train.commands.common import (
+    add_data_flags,
+    add_run_flags,
+    add_training_flags,
+    fit,
+    load_model,
+    prepare_run,
+)
 from dalle_train.datasets import captioned_dataset, make_batches
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
@@ -107,7 +114,7 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def build_model(args: argparse.Namespace, start_from: Path | None) -> DALLE:
     """The DALLE of a checkpoint (resumed, or ``--dalle-path``), or a new one from the flags."""
     if start_from is not None:
-        model = DALLE.from_pretrained(start_from)
+        model = load_model(DALLE, start_from)
         model.transformer.activation_checkpointing = args.checkpointing
         return model
     tokenizer = tokenizer_from_args(args)
@@ -140,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     start_from = start_point(args)
     run_ = prepare_run(args, FIXED)
     model = build_model(args, run_.resume_from or start_from).to(run_.device)
+    if args.transparent and model.channels != 4:
+        raise TrainError(f"--transparent reads RGBA images, but the VAE takes {model.channels} channels: "
+                         f"drop --transparent, or use a VAE trained with --transparent")
     if args.compile:
         model.transformer.compile()
     dataset = captioned_dataset(args, image_size=model.image_size, channels=model.channels)

@@ -10,7 +10,14 @@ import argparse
 from typing import Any
 
 from dalle_core import DiscreteVAE
-from dalle_train.commands.common import add_data_flags, add_run_flags, add_training_flags, fit, prepare_run
+from dalle_train.commands.common import (
+    add_data_flags,
+    add_run_flags,
+    add_training_flags,
+    fit,
+    load_model,
+    prepare_run,
+)
 from dalle_train.datasets import image_dataset, make_batches
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise TrainError(f"--image-size {args.image_size} must be divisible by 2**--num-layers "
                          f"({2 ** args.num_layers})")
     if run_.resume_from is not None:
-        model = DiscreteVAE.from_pretrained(run_.resume_from)
+        model = load_model(DiscreteVAE, run_.resume_from)
     else:
         model = DiscreteVAE(
             image_size=args.image_size, num_tokens=args.num_tokens, codebook_dim=args.emb_dim,

@@ -95,7 +95,9 @@ class Batches:
 
     Iterating goes on over epochs until the caller stops: `epoch`, `position` and
     `batches_per_epoch` tell it where it is (they count a batch as consumed when it is
-    yielded). Iterating again continues from where the last iteration stopped.
+    yielded). Iterating again continues from where the last iteration stopped. An epoch, seen
+    from its start, in which no image could be read raises `TrainError` instead of going on
+    forever.
     """
 
     def __init__(
@@ -153,17 +155,27 @@ class Batches:
         return None if self.drop_last or position >= self.size else self.size
 
     def __iter__(self) -> Iterator[Batch]:
+        # the DataLoader draws its workers' base seed from ``generator``: without one it would
+        # draw from the global RNG, and a resumed run's dropout would differ from an unbroken one
         loader = DataLoader(
             _Keyed(self.dataset), batch_sampler=_Plan(self, self._epoch, self._position),
             num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory,
+            generator=generator(self.seed, self._epoch, self._position),
         )
         report = getattr(self.dataset, "report", None)
+        whole, usable = self._position == 0, False  # an epoch seen from its start; a batch in it
         for batch, events in loader:
             if isinstance(report, SkipReport):
                 report.merge(events)
+            usable = usable or batch is not None
             self._position = self._end(self._position)
             if self._end(self._position) is None:
+                if whole and not usable:  # would go on forever: no image can be read
+                    skipped = f" ({report.summary()})" if isinstance(report, SkipReport) else ""
+                    raise TrainError(f"no image of epoch {self._epoch} could be read{skipped}: the "
+                                     f"warnings above name each file; replace them or use other data")
                 self._epoch, self._position = self._epoch + 1, 0
+                whole, usable = True, False
             if batch is not None:
                 yield batch
 

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from dalle_core import DiscreteVAE
+from dalle_train.errors import TrainError
 from dalle_train.pictures import image_rows, save_png
 from dalle_train.training.loop import Task
 
@@ -56,8 +57,11 @@ class VaeTask(Task):
         self.model, self.device = model, device
         self.start, self.minimum, self.rate = args.starting_temp, args.temp_min, args.anneal_rate
         count = min(len(dataset), USAGE_SAMPLES)
-        picked = [dataset[i] for i in range(count)]
-        self.held = torch.stack([s.image for s in picked if s is not None])  # [n, C, H, W]
+        picked = [s for s in (dataset[i] for i in range(count)) if s is not None]
+        if not picked:
+            raise TrainError(f"none of the first {count} images could be read (the warnings above name "
+                             f"each file): replace them or use other data")
+        self.held = torch.stack([s.image for s in picked])  # [n, C, H, W]
         self.shown = max(1, min(args.num_images_save, len(self.held)))
 
     def temperature(self, step: int) -> float:

@@ -9,6 +9,7 @@ or a hidden temporary directory, which the next run deletes.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,17 @@ def step_dirs(checkpoints: Path) -> list[Path]:
 
 
 def remove_partial(checkpoints: Path) -> list[Path]:
-    """Delete temporary directories left by a run killed while saving; returns them."""
+    """Delete what a run killed while saving leaves: temporary step directories and the
+    temporary file of ``latest`` (`atomic_write_bytes` names it ``.latest.<random>.tmp``);
+    returns them."""
     if not checkpoints.is_dir():
         return []
-    partial = [p for p in checkpoints.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    partial = [*checkpoints.glob(f"{TEMP_PREFIX}*"), *checkpoints.glob(f".{LATEST}.*.tmp")]
     for path in partial:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return partial
 
 
@@ -66,15 +72,23 @@ def save_checkpoint(
     atomic_torch_save(state, temp / TRAINING_STATE / STATE_FILE)
     _fsync_dir(temp)
     if final.exists():  # the same step saved again (a resumed run stopping where it began)
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(temp, final)
     _fsync_dir(checkpoints)
     atomic_write_bytes(checkpoints / LATEST, f"{final.name}\n".encode())
     if keep is not None:
         for old in step_dirs(checkpoints)[: -max(keep, 1)]:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
     return final
+
+
+def _remove(directory: Path) -> None:
+    """Delete a step directory, renamed to a temporary name first: a run killed while deleting
+    leaves a temporary directory (deleted at the next start), never a half-deleted checkpoint."""
+    doomed = directory.with_name(f"{TEMP_PREFIX}deleted-{directory.name}-{os.getpid()}")
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_state(directory: Path) -> dict[str, Any]:
@@ -87,9 +101,20 @@ def load_state(directory: Path) -> dict[str, Any]:
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: never resume from it
-        raise TrainError(f"{path} is not a readable training state ({type(error).__name__}: {error}); "
+    except Exception as error:  # a truncated, foreign or unsafe file: never resume from it
+        raise TrainError(f"{path} is not a readable training state ({_reason(error)}); "
                          f"resume from an older step-N directory or start fresh") from error
+
+
+def _reason(error: Exception) -> str:
+    """Why a load failed, in one line. torch's weights-only refusals are lines of advice on
+    loading the file unsafely: of those, only the object refused (when one is named) is shown."""
+    text = str(error).strip()
+    if text.startswith("Weights only load failed"):
+        refused = re.search(r"GLOBAL ([\w.]+)", text)
+        return (f"it holds {refused[1]}, which is never unpickled: that could run code" if refused
+                else "it holds more than tensors and plain data")
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def resume_dir(checkpoints: Path) -> Path:

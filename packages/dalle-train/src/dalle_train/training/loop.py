@@ -130,7 +130,6 @@ def train(
     last_loss, started = None, time.perf_counter()
     params = _trainable(model)
     items = iter(batches)
-    bar = tqdm(total=total, initial=step, desc=task.name, unit="step", dynamic_ncols=True, mininterval=0.5)
 
     def save(at: int) -> Path:
         state = {
@@ -140,7 +139,8 @@ def train(
         }
         return save_checkpoint(checkpoints, at, model, state, settings.keep)
 
-    with StopRequest() as stop:
+    bar = tqdm(total=total, initial=step, desc=task.name, unit="step", dynamic_ncols=True, mininterval=0.5)
+    with StopRequest() as stop, bar:  # the bar is closed before any error is printed
         while step < total:
             model.train()
             lr = schedule.apply(step)
@@ -161,7 +161,8 @@ def train(
             step += 1
             bar.update(1)
 
-            saving = step % settings.save_every == 0 or step == total or stop.requested
+            stopping = stop.requested  # read once: a signal from here on is seen after the next step
+            saving = step % settings.save_every == 0 or step == total or stopping
             if saving or step % settings.log_every == 0:
                 last_loss = float(running / micro_batches)  # the only host sync
                 if not math.isfinite(last_loss):
@@ -186,20 +187,21 @@ def train(
                 _write_samples(task, step, out, metrics)
             if saving:
                 last_saved = save(step)
-            if stop.requested:
-                bar.close()
+            if stopping:
                 return Outcome(step, last_saved, stop.signum, last_loss)
-    bar.close()
     return Outcome(step, last_saved, None, last_loss)
 
 
 def _write_samples(task: Task, step: int, out: Path, metrics: MetricsLog) -> None:
-    """Pictures from the model in eval mode, on their own random generators (the training
-    RNG stream is untouched, so writing samples never changes a run)."""
+    """Pictures from the model in eval mode; the training RNG streams are put back afterwards
+    (a model may draw from them, as the VAE's Gumbel sampling does), so writing samples never
+    changes a run."""
+    saved = rng_state()
     task.model.eval()
     with torch.no_grad():
         written = task.write_samples(step, out / "samples")
     task.model.train()
+    set_rng_state(saved)
     numbers = {k: v for k, v in written.items() if isinstance(v, (int, float))}
     if numbers:
         metrics.log(step, numbers)
