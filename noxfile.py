@@ -80,9 +80,10 @@ def mutants(session: nox.Session, package: str) -> None:
     (those that carry the READMEs' promises), then the table of killed and surviving mutants.
 
     Not part of the default sessions (it takes long). Results are cached in
-    ``packages/<package>/mutants/``: a rerun only runs the mutants of changed functions. Pass
-    mutant-name patterns to run one module: ``nox -s "mutants(package='dalle-core')" --
-    "dalle_core.sampling*"``. See benchmarks/mutants.md.
+    ``packages/<package>/mutants/``: a rerun without arguments only runs mutants not decided yet
+    (new, or of functions that changed). Mutant names or patterns run those again, e.g. one
+    module after adding tests: ``nox -s "mutants(package='dalle-core')" -- "dalle_core.sampling*"``.
+    See benchmarks/mutants.md.
     """
     install_package(session, package, MUTMUT)
     with session.chdir(ROOT / "packages" / package):

@@ -42,10 +42,10 @@ class ModuleResult:
     survivors: list[str] = field(default_factory=list)
 
     @property
-    def score(self) -> float:
-        """Killed share of the mutants that ran and are not equivalent."""
+    def score(self) -> str:
+        """Killed share of the mutants that ran and are not equivalent ("-" when none ran)."""
         judged = self.mutants - self.equivalent - self.not_run
-        return self.killed / judged if judged else 1.0
+        return f"{self.killed / judged:.1%}" if judged else "-"
 
 
 def equivalent_mutants(report: Path) -> set[str]:
@@ -92,14 +92,14 @@ def table(results: list[ModuleResult]) -> str:
     total = ModuleResult("**total**")
     for r in results:
         rows.append(f"| `{r.module}` | {r.mutants} | {r.killed} | {r.equivalent} | {len(r.survivors)} | "
-                    f"{r.not_run} | {r.score:.1%} |")
+                    f"{r.not_run} | {r.score} |")
         total.mutants += r.mutants
         total.killed += r.killed
         total.equivalent += r.equivalent
         total.not_run += r.not_run
         total.survivors += r.survivors
     rows.append(f"| {total.module} | {total.mutants} | {total.killed} | {total.equivalent} | "
-                f"{len(total.survivors)} | {total.not_run} | {total.score:.1%} |")
+                f"{len(total.survivors)} | {total.not_run} | {total.score} |")
     return "\n".join(rows)
 
 
