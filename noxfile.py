@@ -88,7 +88,7 @@ def mutants(session: nox.Session, package: str) -> None:
     install_package(session, package, MUTMUT)
     with session.chdir(ROOT / "packages" / package):
         session.run("mutmut", "run", *session.posargs)
-    session.run("python", str(ROOT / "benchmarks" / "mutants_report.py"), package)
+    session.run("python", str(ROOT / "benchmarks" / "mutants_report.py"), "--write")
 
 
 @nox.session
