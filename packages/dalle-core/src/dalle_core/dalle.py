@@ -331,7 +331,6 @@ class DALLE(PretrainedMixin, nn.Module):
 
     # ----------------------------------------------------------------- generation
 
-    @torch.no_grad()
     def generate_images(
         self,
         text: Tensor,
@@ -358,18 +357,18 @@ class DALLE(PretrainedMixin, nn.Module):
         cached step compiled ahead of time for this model and batch shape (CPU; the first call
         compiles for tens of seconds, later calls are faster; see `dalle_core.compiled_step`).
         """
-        codes = self.generate_image_codes(
-            text, mask=mask, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
-            img=img, num_init_img_tokens=num_init_img_tokens, cond_scale=cond_scale,
-            use_cache=use_cache, generator=generator, compile=compile,
-        )
-        with torch.autocast(codes.device.type, enabled=False):
-            images = self.vae.decode(codes)
-        if clip is None:
-            return images
-        return images, clip(text, images, text_mask=mask)
+        with torch.no_grad():  # a block, not the decorator: mutation testing skips decorated code
+            codes = self.generate_image_codes(
+                text, mask=mask, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
+                img=img, num_init_img_tokens=num_init_img_tokens, cond_scale=cond_scale,
+                use_cache=use_cache, generator=generator, compile=compile,
+            )
+            with torch.autocast(codes.device.type, enabled=False):
+                images = self.vae.decode(codes)
+            if clip is None:
+                return images
+            return images, clip(text, images, text_mask=mask)
 
-    @torch.no_grad()
     def generate_image_codes(
         self,
         text: Tensor,
@@ -386,76 +385,78 @@ class DALLE(PretrainedMixin, nn.Module):
         compile: bool = False,
     ) -> Tensor:
         """As `generate_images`, returning the codes ``LongTensor[B, image_seq_len]``."""
-        if compile and not use_cache:
-            raise ValueError("compile=True compiles the cached step: it needs use_cache=True")
-        text = self._check_text(text)
-        batch = text.shape[0]
-        codes = text.new_empty(batch, self.image_seq_len)
-        n_prime = 0
-        if img is not None:
-            n_prime = num_init_img_tokens
-            if n_prime is None:
-                n_prime = int(0.4375 * self.image_seq_len)  # 14 of 32 rows, as in the paper
-            if not 0 <= n_prime < self.image_seq_len:
-                raise ValueError(
-                    f"num_init_img_tokens must be in [0, {self.image_seq_len}), got {n_prime}"
-                )
-            codes[:, :n_prime] = self.image_codes(img)[:, :n_prime]
-        guided = cond_scale != 1
-        if guided:  # conditional rows, then unconditional rows (all-padding text): one batch
-            text = torch.cat((text, torch.zeros_like(text)))
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(mask)))
-        rows = text.shape[0]
+        with torch.no_grad():  # a block, not the decorator: mutation testing skips decorated code
+            if compile and not use_cache:
+                raise ValueError("compile=True compiles the cached step: it needs use_cache=True")
+            text = self._check_text(text)
+            batch = text.shape[0]
+            codes = text.new_empty(batch, self.image_seq_len)
+            n_prime = 0
+            if img is not None:
+                n_prime = num_init_img_tokens
+                if n_prime is None:
+                    n_prime = int(0.4375 * self.image_seq_len)  # 14 of 32 rows, as in the paper
+                if not 0 <= n_prime < self.image_seq_len:
+                    raise ValueError(
+                        f"num_init_img_tokens must be in [0, {self.image_seq_len}), got {n_prime}"
+                    )
+                codes[:, :n_prime] = self.image_codes(img)[:, :n_prime]
+            guided = cond_scale != 1
+            if guided:  # conditional rows, then unconditional rows (all-padding text): one batch
+                text = torch.cat((text, torch.zeros_like(text)))
+                if mask is not None:
+                    mask = torch.cat((mask, torch.ones_like(mask)))
+            rows = text.shape[0]
 
-        sampler = Sampler(
-            self.num_image_tokens, batch, self.image_seq_len - n_prime, filter_thres=filter_thres,
-            top_p=top_p, temperature=temperature, generator=generator, device=text.device,
-        )
+            sampler = Sampler(
+                self.num_image_tokens, batch, self.image_seq_len - n_prime, filter_thres=filter_thres,
+                top_p=top_p, temperature=temperature, generator=generator, device=text.device,
+            )
 
-        def guided_logits(logits: Tensor) -> Tensor:  # [rows, Vi] -> [batch, Vi]
-            if logits.dtype != torch.float32:
-                logits = logits.float()
-            if guided:  # uncond + (cond - uncond) * cond_scale
-                cond, uncond = logits.chunk(2)
-                logits = torch.lerp(uncond, cond, cond_scale)
-            return logits
+            def guided_logits(logits: Tensor) -> Tensor:  # [rows, Vi] -> [batch, Vi]
+                if logits.dtype != torch.float32:
+                    logits = logits.float()
+                if guided:  # uncond + (cond - uncond) * cond_scale
+                    cond, uncond = logits.chunk(2)
+                    logits = torch.lerp(uncond, cond, cond_scale)
+                return logits
 
-        def row_codes(start: int, end: int) -> Tensor:  # [rows, end - start], both halves when guided
-            return codes[:, start:end].repeat(2, 1) if guided else codes[:, start:end]
+            def row_codes(start: int, end: int) -> Tensor:  # [rows, end - start], both halves when guided
+                return codes[:, start:end].repeat(2, 1) if guided else codes[:, start:end]
 
-        was_training = self.training
-        self.eval()
-        try:
-            text_tokens = self._embed_text(text)  # [rows, L + 1, dim]
-            key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
-            cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
-            tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, n_prime), 0)), dim=1)
-            hidden = self._hidden(tokens, 0, key_padding_mask, cache, last_only=True)[:, 0]
-            logits = self._image_logits(hidden)  # [rows, Vi]
-            if use_cache:
-                next_logits = self._step_logits(cache, hidden, key_padding_mask, n_prime, compile)
-                position_emb = None  # per grid position: [dim], added to the new code's embedding
-                if self.image_row_emb is not None:
-                    position_emb = self._image_pos_emb(0, self.image_seq_len).unbind(0)
-            code_columns = codes.unbind(1)  # [batch] each
-            for position in range(n_prime, self.image_seq_len):
-                sample = sampler(guided_logits(logits))  # [batch]
-                code_columns[position].copy_(sample)
-                if position == self.image_seq_len - 1:
-                    break
+            was_training = self.training
+            self.eval()
+            try:
+                text_tokens = self._embed_text(text)  # [rows, L + 1, dim]
+                key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
+                cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
+                tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, n_prime), 0)), dim=1)
+                hidden = self._hidden(tokens, 0, key_padding_mask, cache, last_only=True)[:, 0]
+                logits = self._image_logits(hidden)  # [rows, Vi]
                 if use_cache:
-                    new = self.image_emb(sample.repeat(2) if guided else sample)  # [rows, dim]
-                    if position_emb is not None:
-                        new = new + position_emb[position]
-                    logits = next_logits(new, self.text_len + position)
-                else:
-                    tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, position + 1), 0)), dim=1)
-                    hidden = self._hidden(tokens, 0, key_padding_mask, last_only=True)[:, 0]
-                    logits = self._image_logits(hidden)
-        finally:
-            self.train(was_training)
-        return codes
+                    next_logits = self._step_logits(cache, hidden, key_padding_mask, n_prime, compile)
+                    position_emb = None  # per grid position: [dim], added to the new code's embedding
+                    if self.image_row_emb is not None:
+                        position_emb = self._image_pos_emb(0, self.image_seq_len).unbind(0)
+                code_columns = codes.unbind(1)  # [batch] each
+                for position in range(n_prime, self.image_seq_len):
+                    sample = sampler(guided_logits(logits))  # [batch]
+                    code_columns[position].copy_(sample)
+                    if position == self.image_seq_len - 1:
+                        break
+                    if use_cache:
+                        new = self.image_emb(sample.repeat(2) if guided else sample)  # [rows, dim]
+                        if position_emb is not None:
+                            new = new + position_emb[position]
+                        logits = next_logits(new, self.text_len + position)
+                    else:
+                        codes_so_far = self._embed_image(row_codes(0, position + 1), 0)
+                        tokens = torch.cat((text_tokens, codes_so_far), dim=1)
+                        hidden = self._hidden(tokens, 0, key_padding_mask, last_only=True)[:, 0]
+                        logits = self._image_logits(hidden)
+            finally:
+                self.train(was_training)
+            return codes
 
     def _step_logits(
         self, cache: list[LayerCache], hidden: Tensor, key_padding_mask: Tensor | None, n_prime: int,
@@ -468,7 +469,6 @@ class DALLE(PretrainedMixin, nn.Module):
         step = DecodeStep(self.transformer, cache, self.text_len + n_prime, key_padding_mask)
         return lambda token, position: self._image_logits(self._next_hidden(step, token, position))
 
-    @torch.no_grad()
     def generate_texts(
         self,
         text: Tensor | str | list[str] | None = None,
@@ -487,13 +487,14 @@ class DALLE(PretrainedMixin, nn.Module):
         ``text_tokens`` can be passed to `generate_images`. ``texts`` are decoded with
         ``tokenizer``, else the model's own; None when it has neither.
         """
-        tokenizer = tokenizer or self.tokenizer
-        prompts = self._text_prompts(text, tokenizer)
-        rows = [self._continue_text(ids, filter_thres, top_p, temperature, use_cache, generator)
-                for ids in prompts]
-        text_tokens = torch.cat(rows)  # [B, L]
-        texts = [tokenizer.decode(row.tolist()) for row in text_tokens] if tokenizer else None
-        return text_tokens, texts
+        with torch.no_grad():  # a block, not the decorator: mutation testing skips decorated code
+            tokenizer = tokenizer or self.tokenizer
+            prompts = self._text_prompts(text, tokenizer)
+            rows = [self._continue_text(ids, filter_thres, top_p, temperature, use_cache, generator)
+                    for ids in prompts]
+            text_tokens = torch.cat(rows)  # [B, L]
+            texts = [tokenizer.decode(row.tolist()) for row in text_tokens] if tokenizer else None
+            return text_tokens, texts
 
     def _text_prompts(self, text, tokenizer: Tokenizer | None) -> list[Tensor]:
         """Prompts as id tensors ``[rows, n]``; strings of different lengths run apart."""
