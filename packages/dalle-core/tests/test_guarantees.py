@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pickle
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from conftest import TEXT_SEQ_LEN, tiny_dalle
 
 from dalle_core import DALLE, DiscreteVAE
 from dalle_core.plugins import create_backend, load_vae
-from dalle_core.testing.pickles import ConstructOnUnpickle, TouchOnUnpickle
+from dalle_core.testing.pickles import ConstructOnUnpickle, TouchOnUnpickle, write_code_pickle
 
 VAE_SIZES = dict(image_size=16, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
 
@@ -153,11 +152,6 @@ def test_sequence_length_and_codes_come_from_the_readme_vae():
 
 
 
-
-
-def write_code_pickle(path: Path, marker: Path, payload: type = TouchOnUnpickle) -> None:
-    """A ``torch.save`` file that holds weights and an object whose unpickling runs code."""
-    torch.save({"codebook.weight": torch.zeros(2, 2), "payload": payload(marker)}, path)
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "vae/model.safetensors"])

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import SHAPES, TINY_VAE, assert_same_weights, dalle_args
 
-from dalle_core.testing.pickles import PAYLOADS
+from dalle_core.testing.pickles import PAYLOADS, write_code_pickle
 from dalle_train.cli import main
 from dalle_train.tasks.dalle import DalleTask
 from dalle_train.tasks.vae import VaeTask
@@ -153,7 +153,7 @@ def test_resume_refuses_a_file_whose_loading_runs_code(tmp_path: Path, target: s
     assert main([*VAE_RUN, "--max-steps", "1", "--output-dir", str(out)]) == 0
     path = out / CHECKPOINTS / "step-1" / target
     marker = tmp_path / "code-ran"
-    torch.save({"state": payload(marker)}, path)
+    write_code_pickle(path, marker, payload, tensors={})
     capsys.readouterr()
 
     code = main(["vae", "--resume", "--output-dir", str(out), "--max-steps", "2"])

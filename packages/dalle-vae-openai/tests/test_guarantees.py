@@ -25,7 +25,7 @@ from conftest import IMAGE_SIZE, Published
 from dalle_core import DALLE
 from dalle_core.download import OFFLINE_ENV
 from dalle_core.testing.fileserver import FileServer
-from dalle_core.testing.pickles import PAYLOADS, TouchOnUnpickle
+from dalle_core.testing.pickles import PAYLOADS, TouchOnUnpickle, write_code_pickle
 from dalle_vae_openai import Decoder, Encoder, OpenAIDiscreteVAE, map_pixels, unmap_pixels
 
 FORMATS = {"zip": ("encoder.pkl", "decoder.pkl"), "legacy": ("encoder-legacy.pkl", "decoder-legacy.pkl")}
@@ -159,9 +159,7 @@ def test_saved_weights_that_are_a_code_pickle_are_refused_unrun(published: Publi
     dalle = DALLE(vae=vae, dim=16, num_text_tokens=50, text_seq_len=4, depth=1, heads=1, dim_head=16)
     dalle.save_pretrained(tmp_path / "dalle")
     weights, marker = tmp_path / "dalle" / "vae" / "model.safetensors", tmp_path / "marker"
-    buffer = io.BytesIO()
-    torch.save({"enc.blocks.input.w": torch.zeros(1), "payload": TouchOnUnpickle(marker)}, buffer)
-    weights.write_bytes(buffer.getvalue())
+    write_code_pickle(weights, marker, tensors={"enc.blocks.input.w": torch.zeros(1)})
     with pytest.raises(ValueError, match=f"{re.escape(str(weights))} is not a safetensors file"):
         DALLE.from_pretrained(tmp_path / "dalle")
     assert not marker.exists()

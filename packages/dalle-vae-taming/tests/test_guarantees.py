@@ -28,7 +28,13 @@ from dalle_core import DALLE
 from dalle_core.download import OFFLINE_ENV, OfflineError
 from dalle_core.plugins import create_vae, load_vae
 from dalle_core.testing.fileserver import FileServer
-from dalle_core.testing.pickles import CALLS, PAYLOADS, ConstructOnUnpickle, TouchOnUnpickle
+from dalle_core.testing.pickles import (
+    CALLS,
+    PAYLOADS,
+    ConstructOnUnpickle,
+    TouchOnUnpickle,
+    write_code_pickle,
+)
 from dalle_vae_taming import VQGanVAE
 
 IMAGENET_CONFIG_URL = "https://heibox.uni-heidelberg.de/f/6ecf2af6c658432c8298/?dl=1"
@@ -216,9 +222,7 @@ def test_saved_weights_that_are_a_code_pickle_are_refused_unrun(
     dalle = DALLE(vae=vae, dim=16, num_text_tokens=50, text_seq_len=4, depth=1, heads=1, dim_head=16)
     dalle.save_pretrained(tmp_path / "dalle")
     weights, marker = tmp_path / "dalle" / "vae" / "model.safetensors", tmp_path / "marker"
-    buffer = io.BytesIO()
-    torch.save({"model.quant_conv.weight": torch.zeros(1), "payload": TouchOnUnpickle(marker)}, buffer)
-    weights.write_bytes(buffer.getvalue())
+    write_code_pickle(weights, marker, tensors={"model.quant_conv.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=f"{re.escape(str(weights))} is not a safetensors file"):
         if saved == "vae":
             load_vae(tmp_path / "dalle" / "vae")

@@ -12,6 +12,8 @@ import os
 import pathlib
 from pathlib import Path
 
+import torch
+
 
 class TouchOnUnpickle:
     """Unpickling this calls ``Path.touch(marker)``: code execution by pickle."""
@@ -51,3 +53,11 @@ class ConstructOnUnpickle(TouchOnUnpickle):
 CALLS = (TouchOnUnpickle, SystemOnUnpickle)
 #: every payload
 PAYLOADS = (*CALLS, ConstructOnUnpickle)
+
+
+def write_code_pickle(path: Path, marker: Path, payload: type = TouchOnUnpickle,
+                      tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """A ``torch.save`` file at ``path`` holding ``tensors`` (weights, by default one) beside
+    ``payload(marker)``, an object whose unpickling creates ``marker``."""
+    weights = {"weight": torch.zeros(2, 2)} if tensors is None else tensors
+    torch.save({**weights, "payload": payload(marker)}, path)
