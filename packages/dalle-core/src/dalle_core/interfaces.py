@@ -170,9 +170,9 @@ class DistributedBackend(ABC):
         try:
             return torch.load(Path(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            reason = str(error).rsplit("WeightsUnpickler error:", 1)[-1].strip()
-            refused = (reason.splitlines() or [type(error).__name__])[0].split(". Please use")[0]
+            from dalle_core.pretrained import load_failure
+
             raise pickle.UnpicklingError(
-                f"{path} is not loaded: training state is read as tensors and plain data only, and "
-                f"this file is not that ({refused}); nothing in it was run"
+                f"{path} is not loaded: training state is read as tensors and plain data only "
+                f"({load_failure(error)}); nothing in it was run"
             ) from error

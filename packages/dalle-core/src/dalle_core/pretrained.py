@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -57,6 +58,18 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_failure(error: Exception) -> str:
+    """Why loading a file with ``torch.load(weights_only=True)`` failed, in one line. torch's
+    refusals are lines of advice on loading the file unsafely: of those, only the object refused
+    (when one is named) is shown."""
+    text = str(error).strip()
+    if text.startswith("Weights only load failed"):
+        refused = re.search(r"GLOBAL ([\w.]+)", text)
+        return (f"it holds {refused[1]}, which is never unpickled: that could run code" if refused
+                else "it holds more than tensors and plain data")
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -9,14 +9,13 @@ or a hidden temporary directory, which the next run deletes.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dalle_core.pretrained import CONFIG_NAME, atomic_torch_save, atomic_write_bytes
+from dalle_core.pretrained import CONFIG_NAME, atomic_torch_save, atomic_write_bytes, load_failure
 from dalle_train.errors import TrainError
 from dalle_train.training.layout import LATEST, STEP_PREFIX, TRAINING_STATE, latest_step_dir, step_dir
 
@@ -102,19 +101,8 @@ def load_state(directory: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated, foreign or unsafe file: never resume from it
-        raise TrainError(f"{path} is not a readable training state ({_reason(error)}); "
+        raise TrainError(f"{path} is not a readable training state ({load_failure(error)}); "
                          f"resume from an older step-N directory or start fresh") from error
-
-
-def _reason(error: Exception) -> str:
-    """Why a load failed, in one line. torch's weights-only refusals are lines of advice on
-    loading the file unsafely: of those, only the object refused (when one is named) is shown."""
-    text = str(error).strip()
-    if text.startswith("Weights only load failed"):
-        refused = re.search(r"GLOBAL ([\w.]+)", text)
-        return (f"it holds {refused[1]}, which is never unpickled: that could run code" if refused
-                else "it holds more than tensors and plain data")
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def resume_dir(checkpoints: Path) -> Path:
