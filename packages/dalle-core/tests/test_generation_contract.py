@@ -1,0 +1,281 @@
+"""The generation contract of `DALLE`, checked against plain references written here.
+
+- ``generate_texts`` continues prompts given as ids ``[B, n]`` or ``[n]``, a string, a list of
+  strings of different lengths, or None, sampling exactly what an uncached reference loop samples
+  (one full ``forward`` per token, the next position's text logits into a `Sampler` with the
+  same options and generator), cached or not; it leaves the generator where the reference does;
+  generated padding comes back as 0, texts are decoded with the given tokenizer.
+- ``generate_image_codes`` (cached, uncached, and the compiled step's graph run eagerly) samples
+  the codes of the reference loop over ``forward`` with a text padding mask; ``generate_images``
+  decodes them to ``[B, C, H, W]`` in [0, 1] and passes text and mask to ``clip``.
+- Caching: the transformer runs over the prompt once, then one cached step per further token;
+  ``use_cache=False`` runs it once per token over the whole sequence and allocates no cache.
+- Image positions are axial: row embedding + column embedding.
+- Prompts move to the model's device; bad inputs raise errors naming the argument.
+
+Models are the tiny ones of conftest, in float64 where sampled tokens are compared, so that the
+cached and full-sequence logits agree to ~1e-15 and round to the same float32 logits the
+sampler reads; comparisons of tokens are exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import NUM_TEXT_TOKENS, TEXT_SEQ_LEN, tiny_dalle
+
+from dalle_core import compiled_step as compiled
+from dalle_core.compiled_step import CompiledStep, PositionStep
+from dalle_core.decode_step import DecodeStep
+from dalle_core.sampling import Sampler
+from dalle_core.tokenizers import ByteTokenizer
+
+SAMPLING = [{}, {"filter_thres": 0.2, "top_p": 0.3, "temperature": 0.7}]
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def no_padding_tokens(dalle):
+    """Make the generated padding ids impossible (their text logits -1e4, outside the top-k), so
+    that the reference can feed sampled tokens back through ``forward``."""
+    with torch.no_grad():
+        dalle.text_head.bias[dalle.num_text_tokens :] = -1e4
+    return dalle
+
+
+def reference_texts(dalle, prompt, generator, filter_thres=0.5, top_p=None, temperature=1.0):
+    """``prompt [rows, n]`` -> ``[rows, L]``: one full forward pass per new token; padding as 0."""
+    length = dalle.text_seq_len
+    rows, n = prompt.shape
+    sampler = Sampler(dalle.total_text_tokens, rows, length - n, filter_thres=filter_thres, top_p=top_p,
+                      temperature=temperature, generator=generator)
+    ids = prompt
+    with torch.no_grad():
+        for position in range(n, length):
+            padded = F.pad(ids, (0, length - position))  # [rows, L]: causal, the tail is never seen
+            logits = dalle(padded)[:, position, : dalle.total_text_tokens]  # [rows, Vt] for the next
+            ids = torch.cat((ids, sampler(logits.float())[:, None]), dim=1)
+    return torch.where(ids < dalle.num_text_tokens, ids, 0)
+
+
+def reference_codes(dalle, text, mask, generator, filter_thres=0.5, top_p=None, temperature=1.0):
+    """``text [B, L]`` -> codes ``[B, m]``: one full forward pass (with ``mask``) per code."""
+    batch, m = text.shape[0], dalle.image_seq_len
+    sampler = Sampler(dalle.num_image_tokens, batch, m, filter_thres=filter_thres, top_p=top_p,
+                      temperature=temperature, generator=generator)
+    codes = text.new_zeros(batch, 0)
+    with torch.no_grad():
+        for position in range(m):
+            logits = dalle(text, codes, mask=mask)[:, TEXT_SEQ_LEN + position]  # [B, Vt + Vi]
+            sample = sampler(logits[:, dalle.total_text_tokens :].float())  # [B]
+            codes = torch.cat((codes, sample[:, None]), dim=1)
+    return codes
+
+
+# ----------------------------------------------------------------------------- generate_texts
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("options", [{}, {"rotary_emb": False}])
+def test_generate_texts_samples_the_reference_continuation(options, use_cache, sampling):
+    dalle = no_padding_tokens(tiny_dalle(**options).double())
+    prompt = torch.tensor([[5, 9], [7, 1], [12, 0], [3, 3]])  # [4, 2], a padded one among them
+    generator, reference_generator = seeded(3), seeded(3)
+    tokens, texts = dalle.generate_texts(prompt, use_cache=use_cache, generator=generator, **sampling)
+    expected = reference_texts(dalle, prompt, reference_generator, **sampling)  # [4, L]
+    assert texts is None  # no tokenizer anywhere
+    assert torch.equal(tokens, expected)
+    assert torch.equal(generator.get_state(), reference_generator.get_state())  # same noise drawn
+
+
+def test_sampling_options_change_the_texts():
+    """The options of the test above matter for this model and seed: they reach the sampler."""
+    dalle = no_padding_tokens(tiny_dalle().double())
+    prompt = torch.tensor([[5, 9], [7, 1], [12, 0], [3, 3]])
+    default = dalle.generate_texts(prompt, generator=seeded(3))[0]
+    for option in ({"top_p": 0.3}, {"temperature": 2.0}, {"filter_thres": 0.2}):
+        assert not torch.equal(dalle.generate_texts(prompt, generator=seeded(3), **option)[0], default)
+
+
+@pytest.mark.parametrize("prompt", [None, ""])
+def test_generate_texts_from_nothing(prompt):
+    dalle = no_padding_tokens(tiny_dalle().double())
+    tokens, texts = dalle.generate_texts(prompt, generator=seeded(4))  # [1, L]
+    expected = reference_texts(dalle, torch.zeros(1, 0, dtype=torch.long), seeded(4))
+    assert torch.equal(tokens, expected) and texts is None
+
+
+def test_generate_texts_continues_strings_of_different_lengths_with_the_given_tokenizer():
+    tokenizer = ByteTokenizer()
+    dalle = no_padding_tokens(tiny_dalle(num_text_tokens=tokenizer.vocab_size).double())
+    strings = ["ab", "", "hello world"]  # the last one is cut to L = 6 bytes
+    generator, reference_generator = seeded(5), seeded(5)
+    tokens, texts = dalle.generate_texts(strings, tokenizer, generator=generator)  # [3, L]
+    expected = torch.cat([  # the prompts run one after another on the one generator
+        reference_texts(dalle, torch.tensor([tokenizer.encode(s)[:TEXT_SEQ_LEN]], dtype=torch.long),
+                        reference_generator)
+        for s in strings
+    ])
+    assert torch.equal(tokens, expected)
+    assert torch.equal(generator.get_state(), reference_generator.get_state())
+    assert texts == [tokenizer.decode(row) for row in expected]
+    assert texts[0].startswith("ab") and texts[2] == "hello "
+
+    single, _ = dalle.generate_texts("ab", tokenizer, generator=seeded(5))
+    assert torch.equal(single, tokens[:1])
+
+
+def test_generated_padding_comes_back_as_zero_and_the_shared_head_keeps_its_bias():
+    """A tied output head (``share_input_output_emb``) adds its own bias; here the bias makes the
+    first padding id certain, and padding ids come back as 0. A 1-D prompt is one row."""
+    dalle = tiny_dalle(share_input_output_emb=True)
+    with torch.no_grad():
+        dalle.text_head_bias[NUM_TEXT_TOKENS] = 1e4  # the padding id of text position 0
+    tokens, _ = dalle.generate_texts(torch.tensor([4, 8, 1]), temperature=0.0)  # prompt [3]
+    assert tokens.tolist() == [[4, 8, 1, 0, 0, 0]]
+
+
+def test_prompts_move_to_the_models_device():
+    """The meta device stands in for an accelerator (shapes and devices, no values): prompts
+    given on the CPU, and the sampler's noise, end up on the model's device. Uncached: the
+    cached step asks autocast about the device, which meta does not answer."""
+    dalle = tiny_dalle().to("meta")
+    for prompt in (None, torch.tensor([[5, 9]]), torch.tensor([5, 9])):
+        tokens, _ = dalle.generate_texts(prompt, use_cache=False)
+        assert tokens.device.type == "meta" and tokens.shape == (1, TEXT_SEQ_LEN)
+
+
+def test_bad_text_prompts_are_refused_naming_the_argument():
+    dalle = tiny_dalle()
+    with pytest.raises(ValueError, match="^text has 7 tokens, more than text_seq_len=6$"):
+        dalle.generate_texts(torch.ones(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^text token ids must be in \[0, 50\), got values in \[3, 50\]"):
+        dalle.generate_texts(torch.tensor([[3, 50]]))
+    with pytest.raises(ValueError, match="^generate_texts needs a tokenizer to encode strings"):
+        dalle.generate_texts(["a cat"])
+
+
+# ----------------------------------------------------------------------------- caching
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """``(watch, take)``: ``watch(dalle)`` counts its full transformer passes, cached one-token
+    steps and caches allocated; ``take()`` returns the counts so far and resets them."""
+    counts = {"full": 0, "step": 0, "cache": 0}
+    call = DecodeStep.__call__
+
+    def counted_step(self, x, position):
+        counts["step"] += 1
+        return call(self, x, position)
+
+    monkeypatch.setattr(DecodeStep, "__call__", counted_step)
+
+    def watch(dalle):
+        def count_pass(module, args):
+            counts["full"] += 1
+
+        dalle.transformer.register_forward_pre_hook(count_pass)
+        new_cache = dalle.transformer.new_cache
+
+        def counted_new_cache(*args):
+            counts["cache"] += 1
+            return new_cache(*args)
+
+        monkeypatch.setattr(dalle.transformer, "new_cache", counted_new_cache)
+        return dalle
+
+    def take():
+        taken = dict(counts)
+        counts.update(full=0, step=0, cache=0)
+        return taken
+
+    return watch, take
+
+
+def test_generation_runs_the_prompt_once_then_one_cached_step_per_token(text, passes):
+    watch, take = passes
+    dalle = watch(tiny_dalle())
+    prompt = torch.tensor([[5, 9]])  # 4 tokens to sample: the prompt pass gives the first
+    dalle.generate_texts(prompt)
+    assert take() == {"full": 1, "step": TEXT_SEQ_LEN - 3, "cache": 1}
+    dalle.generate_texts(prompt, use_cache=False)
+    assert take() == {"full": TEXT_SEQ_LEN - 2, "step": 0, "cache": 0}
+    dalle.generate_images(text)  # 16 codes
+    assert take() == {"full": 1, "step": 15, "cache": 1}
+    dalle.generate_images(text, use_cache=False)
+    assert take() == {"full": 16, "step": 0, "cache": 0}
+
+
+# ----------------------------------------------------------------------------- generate_images
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """``compile=True`` with the graph it would compile (`PositionStep`) run eagerly: what
+    `generate_image_codes` hands the compiled step is checked in seconds, not minutes."""
+    built = []
+
+    def build(model, cache, x, max_len):
+        built.append(model)
+        return CompiledStep(PositionStep(model, max_len).eval(), max_len, x.device)
+
+    monkeypatch.setattr(compiled, "_compile", build)
+    return built
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_generated_codes_and_images_are_the_references(text, sampling, eager_compile):
+    dalle = tiny_dalle().double()
+    mask = text != 0  # [2, L], the second row's text partly padded
+    expected = reference_codes(dalle, text, mask, seeded(6), **sampling)  # [2, 16]
+    for kwargs in ({"use_cache": True}, {"use_cache": False}, {"compile": True}):
+        codes = dalle.generate_image_codes(text, mask=mask, generator=seeded(6), **sampling, **kwargs)
+        assert torch.equal(codes, expected), kwargs
+    assert eager_compile == [dalle]
+
+    images = dalle.generate_images(text, mask=mask, generator=seeded(6), **sampling)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float64
+    assert 0 <= images.min() and images.max() <= 1
+    with torch.no_grad():
+        torch.testing.assert_close(images, dalle.vae.decode(expected), rtol=0, atol=0)
+
+
+def test_compile_needs_the_cache_also_through_generate_images(text):
+    with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
+        tiny_dalle().generate_images(text, compile=True, use_cache=False)
+
+
+def test_clip_scores_the_generated_images_with_the_text_and_its_mask(text):
+    dalle = tiny_dalle().train()
+    mask = text != 0
+    seen = {}
+
+    def clip(text_, images_, text_mask=None):  # [B, L], [B, C, H, W], [B, L] -> scores [B]
+        seen.update(text=text_, images=images_, mask=text_mask)
+        return images_.flatten(1).mean(1)
+
+    images, scores = dalle.generate_images(text, mask=mask, clip=clip, generator=seeded(1))
+    assert seen["text"] is text and seen["images"] is images and torch.equal(seen["mask"], mask)
+    assert torch.equal(scores, images.flatten(1).mean(1))
+    assert dalle.training  # the mode the call found
+
+
+def test_image_positions_are_row_plus_column_embeddings(text):
+    """Adding a vector to every row embedding and taking it from every column embedding leaves
+    the model unchanged (atol 1e-10 in float64); moving only the rows does not."""
+    dalle = tiny_dalle(rotary_emb=False).double()
+    codes = torch.arange(15).remainder(7)[None].expand(2, -1)  # [2, 15]
+    with torch.no_grad():
+        before = dalle(text, codes)  # [2, L + 16, Vt + Vi]
+        shift = torch.randn(32, dtype=torch.float64, generator=seeded(0))
+        dalle.image_row_emb.weight += shift
+        moved_rows = dalle(text, codes)
+        dalle.image_col_emb.weight -= shift
+        after = dalle(text, codes)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-10)
+    assert (moved_rows - before).abs().max() > 1e-3
