@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -339,3 +340,25 @@ def test_total_steps() -> None:
     assert LoopSettings(Precision("fp32", CPU), epochs=1, ga_steps=4).total_steps(2) == 1  # at least 1
     assert LoopSettings(Precision("fp32", CPU), epochs=3, max_steps=2).total_steps(100) == 2
     assert settings.total_steps(0) == 1
+
+
+class StoppedAtStep(Linear):
+    """Sends this process SIGTERM while computing the loss of step ``at`` (the loop's stop
+    handler turns it into a request to stop after that step)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def loss(self, batch: float, step: int) -> torch.Tensor:
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().loss(batch, step)
+
+
+def test_a_stopped_run_returns_its_checkpoint_and_last_loss(tmp_path: Path) -> None:
+    settings = LoopSettings(Precision("fp32", CPU), max_steps=10, save_every=100, log_every=100)
+    outcome, records, _ = run(tmp_path, StoppedAtStep(at=2), settings, schedule="constant", warmup=0)
+    assert (outcome.step, outcome.interrupted_by) == (3, signal.SIGTERM)
+    assert outcome.checkpoint == tmp_path / CHECKPOINTS / "step-3"
+    assert outcome.last_loss == records.losses()[3]

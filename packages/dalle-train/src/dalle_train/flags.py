@@ -13,8 +13,8 @@ from typing import Any
 def add_flag(parser: argparse.ArgumentParser | Any, name: str, *aliases: str, **kwargs: Any) -> Any:
     """Add ``--some-flag`` with its ``--some_flag`` spelling and any extra ``aliases``.
 
-    ``dest`` is the dashed name with underscores (``some_flag``). Aliases are hidden from the
-    help's flag column but listed in the help text, so ``--help`` stays readable.
+    ``dest`` is the dashed name with underscores (``some_flag``) unless given. The aliases
+    other than the underscored twin are also named in the help text, ``(also --alias)``.
     """
     assert name.startswith("--") and "_" not in name, f"flag {name} must be spelled with dashes"
     spellings = [name]
