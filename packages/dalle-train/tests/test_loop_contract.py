@@ -362,3 +362,14 @@ def test_a_stopped_run_returns_its_checkpoint_and_last_loss(tmp_path: Path) -> N
     assert (outcome.step, outcome.interrupted_by) == (3, signal.SIGTERM)
     assert outcome.checkpoint == tmp_path / CHECKPOINTS / "step-3"
     assert outcome.last_loss == records.losses()[3]
+
+
+def test_rates_are_samples_over_the_seconds_so_far(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Under a second per step (0.7 s on this clock): the rate is not clamped to one second."""
+    readings = iter(100.0 + 0.7 * i for i in range(1000))
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
+    settings = LoopSettings(Precision("fp32", CPU), max_steps=2, save_every=100, log_every=1)
+    _, records, _ = run(tmp_path, Linear(), settings, schedule="constant", warmup=0)
+    rates = [c[2]["samples_per_s"] for c in records.calls if c[0] == "log" and "loss" in c[2]]
+    assert rates == [round(BATCH / 0.7, 2), round(2 * BATCH / 1.4, 2)] == [4.29, 4.29]
+    assert "samples/s=4.3" in capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
