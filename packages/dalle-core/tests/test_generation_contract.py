@@ -279,3 +279,24 @@ def test_image_positions_are_row_plus_column_embeddings(text):
         after = dalle(text, codes)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-10)
     assert (moved_rows - before).abs().max() > 1e-3
+
+
+def test_a_shared_image_head_adds_its_bias(text):
+    """``share_input_output_emb``: image logits are the code embeddings' products plus the bias."""
+    dalle = tiny_dalle(share_input_output_emb=True).eval()
+    with torch.no_grad():
+        dalle.image_head_bias[5] = 1e4  # code 5 wins every image position through the bias alone
+    codes = torch.randint(0, dalle.num_image_tokens, (text.shape[0], dalle.image_seq_len))
+    with torch.no_grad():
+        logits = dalle(text, codes)[:, dalle.text_len:, -dalle.num_image_tokens:]  # [B, image_seq_len, Vi]
+    assert bool((logits.argmax(-1) == 5).all())
+
+
+def test_image_codes_are_encoded_in_the_vaes_precision():
+    """Pixels in another dtype, or under autocast, are encoded as fp32 pixels are."""
+    dalle = tiny_dalle()
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    expected = dalle.vae.get_codebook_indices(image.float())  # [2, 16]
+    assert torch.equal(dalle.image_codes(image), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(dalle.image_codes(image.float()), expected)
