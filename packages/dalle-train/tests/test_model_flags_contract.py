@@ -114,3 +114,11 @@ def test_run_trains_on_the_device(tmp_path: Path, vae_dir: Path, monkeypatch: py
     task, run = seen[0]
     assert run.device == meta and task.device == meta
     assert {p.device for p in task.model.parameters()} == {meta}
+
+
+@pytest.mark.parametrize("flag", ["--shared-attn-ids", "--shared-ff-ids"])
+def test_shared_ids_that_are_not_integers_are_a_one_line_error(vae_dir: Path, flag: str) -> None:
+    args = parse(*SHAPES, *TINY_DALLE, "--vae-path", str(vae_dir), flag, "0,one")
+    message = "^shared ids must be comma-separated integers like 0,1,0,1, got '0,one'$"
+    with pytest.raises(TrainError, match=message):
+        dalle.model_kwargs(args)
