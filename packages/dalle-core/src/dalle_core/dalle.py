@@ -227,17 +227,17 @@ class DALLE(PretrainedMixin, nn.Module):
             tokens = tokens + self.text_pos_emb.weight[: n + 1]
         return tokens
 
-    def _embed_image(self, codes: Tensor, start: int) -> Tensor:
-        """Codes ``[B, m]`` at grid positions ``start ..`` -> ``[B, m, dim]``."""
+    def _embed_image(self, codes: Tensor) -> Tensor:
+        """Codes ``[B, m]`` of the first ``m`` grid positions -> ``[B, m, dim]``."""
         tokens = self.image_emb(codes)
         if self.image_row_emb is not None:
-            tokens = tokens + self._image_pos_emb(start, start + codes.shape[1])
+            tokens = tokens + self._image_pos_emb(codes.shape[1])
         return tokens
 
-    def _image_pos_emb(self, start: int, end: int) -> Tensor:
-        """Axial position embeddings (row + column) of grid positions ``start .. end - 1``:
-        ``[end - start, dim]``. Generation adds them to one code at a time in the same order."""
-        rows, cols = self.image_rows[start:end], self.image_cols[start:end]
+    def _image_pos_emb(self, length: int) -> Tensor:
+        """Axial position embeddings (row + column) of the first ``length`` grid positions:
+        ``[length, dim]``. Generation adds them to one code at a time in the same order."""
+        rows, cols = self.image_rows[:length], self.image_cols[:length]
         return self.image_row_emb(rows) + self.image_col_emb(cols)
 
     # ----------------------------------------------------------------- heads
@@ -300,7 +300,7 @@ class DALLE(PretrainedMixin, nn.Module):
         if image is not None:
             codes = self.image_codes(image)  # [B, m]
             inputs = codes[:, : self.image_seq_len - 1]  # the last code is predicted, never input
-            tokens = torch.cat((tokens, self._embed_image(inputs, 0)), dim=1)
+            tokens = torch.cat((tokens, self._embed_image(inputs)), dim=1)
         elif return_loss:
             raise ValueError("return_loss=True needs an image (pixels or codes)")
         if self.stable:
@@ -430,14 +430,14 @@ class DALLE(PretrainedMixin, nn.Module):
                 text_tokens = self._embed_text(text)  # [rows, L + 1, dim]
                 key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
                 cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
-                tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, n_prime), 0)), dim=1)
+                tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, n_prime))), dim=1)
                 hidden = self._hidden(tokens, 0, key_padding_mask, cache, last_only=True)[:, 0]
                 logits = self._image_logits(hidden)  # [rows, Vi]
                 if use_cache:
                     next_logits = self._step_logits(cache, hidden, key_padding_mask, n_prime, compile)
                     position_emb = None  # per grid position: [dim], added to the new code's embedding
                     if self.image_row_emb is not None:
-                        position_emb = self._image_pos_emb(0, self.image_seq_len).unbind(0)
+                        position_emb = self._image_pos_emb(self.image_seq_len).unbind(0)
                 code_columns = codes.unbind(1)  # [batch] each
                 for position in range(n_prime, self.image_seq_len):
                     sample = sampler(guided_logits(logits))  # [batch]
@@ -450,7 +450,7 @@ class DALLE(PretrainedMixin, nn.Module):
                             new = new + position_emb[position]
                         logits = next_logits(new, self.text_len + position)
                     else:
-                        codes_so_far = self._embed_image(row_codes(0, position + 1), 0)
+                        codes_so_far = self._embed_image(row_codes(0, position + 1))
                         tokens = torch.cat((text_tokens, codes_so_far), dim=1)
                         hidden = self._hidden(tokens, 0, key_padding_mask, last_only=True)[:, 0]
                         logits = self._image_logits(hidden)
