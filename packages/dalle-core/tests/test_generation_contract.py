@@ -61,18 +61,47 @@ def reference_texts(dalle, prompt, generator, filter_thres=0.5, top_p=None, temp
     return torch.where(ids < dalle.num_text_tokens, ids, 0)
 
 
-def reference_codes(dalle, text, mask, generator, filter_thres=0.5, top_p=None, temperature=1.0):
-    """``text [B, L]`` -> codes ``[B, m]``: one full forward pass (with ``mask``) per code."""
+def reference_codes(dalle, text, mask, generator, filter_thres=0.5, top_p=None, temperature=1.0,
+                    cond_scale=1.0, primed=None, seen=None):
+    """``text [B, L]`` -> codes ``[B, m]``: one full forward pass (with ``mask``) per code.
+
+    Guided (``cond_scale != 1``): the logits are ``uncond + (cond - uncond) * cond_scale``, the
+    unconditional ones from all-padding text with an all-true mask. ``primed [B, n]``: the first
+    codes, given. The sampler's inputs are appended to ``seen`` (float32 ``[B, Vi]`` each).
+    """
     batch, m = text.shape[0], dalle.image_seq_len
-    sampler = Sampler(dalle.num_image_tokens, batch, m, filter_thres=filter_thres, top_p=top_p,
-                      temperature=temperature, generator=generator)
-    codes = text.new_zeros(batch, 0)
+    codes = text.new_zeros(batch, 0) if primed is None else primed
+    sampler = Sampler(dalle.num_image_tokens, batch, m - codes.shape[1], filter_thres=filter_thres,
+                      top_p=top_p, temperature=temperature, generator=generator)
+
+    def image_logits(text_, mask_, position):  # [B, Vi] of the next code
+        return dalle(text_, codes, mask=mask_)[:, TEXT_SEQ_LEN + position, dalle.total_text_tokens :]
+
     with torch.no_grad():
-        for position in range(m):
-            logits = dalle(text, codes, mask=mask)[:, TEXT_SEQ_LEN + position]  # [B, Vt + Vi]
-            sample = sampler(logits[:, dalle.total_text_tokens :].float())  # [B]
-            codes = torch.cat((codes, sample[:, None]), dim=1)
+        for position in range(codes.shape[1], m):
+            logits = image_logits(text, mask, position).float()  # [B, Vi]
+            if cond_scale != 1:
+                no_mask = None if mask is None else torch.ones_like(mask)
+                uncond = image_logits(torch.zeros_like(text), no_mask, position).float()
+                logits = uncond + (logits - uncond) * cond_scale
+            if seen is not None:
+                seen.append(logits)
+            codes = torch.cat((codes, sampler(logits)[:, None]), dim=1)
     return codes
+
+
+@pytest.fixture
+def sampler_inputs(monkeypatch):
+    """The logits every `Sampler` call of the model reads, in order."""
+    seen = []
+    call = Sampler.__call__
+
+    def record(self, logits):
+        seen.append(logits.clone())
+        return call(self, logits)
+
+    monkeypatch.setattr(Sampler, "__call__", record)
+    return seen
 
 
 # ----------------------------------------------------------------------------- generate_texts
@@ -245,8 +274,68 @@ def test_generated_codes_and_images_are_the_references(text, sampling, eager_com
         torch.testing.assert_close(images, dalle.vae.decode(expected), rtol=0, atol=0)
 
 
+GUIDED = [  # guidance at a scale other than 1 (also 2), with and without a padding mask
+    {"cond_scale": 2.0, "mask": True}, {"cond_scale": 3.0, "mask": False}, {"cond_scale": 0.5, "mask": True},
+]
+
+
+@pytest.mark.parametrize("guidance", GUIDED)
+def test_guided_codes_and_their_logits_are_the_references(guidance, eager_compile, sampler_inputs):
+    """Three rows (so the conditional and unconditional halves are told apart): every code, and
+    every logit the sampler reads (float32, ``uncond + (cond - uncond) * cond_scale``), are those
+    of the reference, cached, uncached and compiled."""
+    dalle = tiny_dalle().double()
+    text = torch.tensor([[5, 9, 2, 7, 1, 3], [4, 4, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0]])  # [3, L]
+    mask = text != 0 if guidance["mask"] else None
+    cond_scale = guidance["cond_scale"]
+    expected_logits = []
+    expected = reference_codes(dalle, text, mask, seeded(7), cond_scale=cond_scale, seen=expected_logits)
+    for kwargs in ({"use_cache": True}, {"use_cache": False}, {"compile": True}):
+        sampler_inputs.clear()
+        codes = dalle.generate_image_codes(text, mask=mask, cond_scale=cond_scale, generator=seeded(7),
+                                           **kwargs)
+        assert torch.equal(codes, expected), kwargs
+        assert len(sampler_inputs) == len(expected_logits) == dalle.image_seq_len
+        for got, want in zip(sampler_inputs, expected_logits):
+            assert got.dtype == torch.float32 and got.shape == (3, dalle.num_image_tokens)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_the_prompt_pass_reads_the_padding_mask(text, sampler_inputs):
+    """The logits of the first code (from the prompt pass) and of every later one are the masked
+    reference's, which differ from the unmasked ones."""
+    dalle = tiny_dalle().double()
+    mask = text != 0
+    masked, unmasked = [], []
+    reference_codes(dalle, text, mask, seeded(2), temperature=0.0, seen=masked)
+    reference_codes(dalle, text, None, seeded(2), temperature=0.0, seen=unmasked)
+    assert not torch.allclose(masked[0], unmasked[0])
+    sampler_inputs.clear()
+    dalle.generate_image_codes(text, mask=mask, temperature=0.0)
+    for got, want in zip(sampler_inputs, masked, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("primed_tokens", [0, 5])
+def test_primed_codes_are_kept_and_the_rest_is_the_reference(primed_tokens, sampler_inputs):
+    """``img`` with ``num_init_img_tokens=n`` (0 included): the image's first n codes, then the
+    reference's continuation, which leaves the generator where the reference leaves it."""
+    dalle = tiny_dalle().double()
+    text = torch.tensor([[5, 9, 2, 7, 1, 3], [4, 4, 0, 0, 0, 0]])
+    image = torch.rand(2, 3, 16, 16, generator=seeded(8), dtype=torch.float64)
+    primed = dalle.image_codes(image)[:, :primed_tokens]
+    generator, reference_generator = seeded(9), seeded(9)
+    expected = reference_codes(dalle, text, None, reference_generator, primed=primed)
+    sampler_inputs.clear()
+    codes = dalle.generate_image_codes(text, img=image, num_init_img_tokens=primed_tokens,
+                                       generator=generator)
+    assert torch.equal(codes, expected) and torch.equal(codes[:, :primed_tokens], primed)
+    assert len(sampler_inputs) == dalle.image_seq_len - primed_tokens
+    assert torch.equal(generator.get_state(), reference_generator.get_state())
+
+
 def test_compile_needs_the_cache_also_through_generate_images(text):
-    with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
+    with pytest.raises(ValueError, match="^compile=True compiles the cached step: it needs use_cache=True$"):
         tiny_dalle().generate_images(text, compile=True, use_cache=False)
 
 

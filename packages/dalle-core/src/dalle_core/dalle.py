@@ -421,8 +421,8 @@ class DALLE(PretrainedMixin, nn.Module):
                     logits = torch.lerp(uncond, cond, cond_scale)
                 return logits
 
-            def row_codes(start: int, end: int) -> Tensor:  # [rows, end - start], both halves when guided
-                return codes[:, start:end].repeat(2, 1) if guided else codes[:, start:end]
+            def row_codes(end: int) -> Tensor:  # [rows, end]: the first codes, both halves when guided
+                return codes[:, :end].repeat(2, 1) if guided else codes[:, :end]
 
             was_training = self.training
             self.eval()
@@ -430,7 +430,7 @@ class DALLE(PretrainedMixin, nn.Module):
                 text_tokens = self._embed_text(text)  # [rows, L + 1, dim]
                 key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
                 cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
-                tokens = torch.cat((text_tokens, self._embed_image(row_codes(0, n_prime))), dim=1)
+                tokens = torch.cat((text_tokens, self._embed_image(row_codes(n_prime))), dim=1)
                 hidden = self._hidden(tokens, 0, key_padding_mask, cache, last_only=True)[:, 0]
                 logits = self._image_logits(hidden)  # [rows, Vi]
                 if use_cache:
@@ -450,7 +450,7 @@ class DALLE(PretrainedMixin, nn.Module):
                             new = new + position_emb[position]
                         logits = next_logits(new, self.text_len + position)
                     else:
-                        codes_so_far = self._embed_image(row_codes(0, position + 1))
+                        codes_so_far = self._embed_image(row_codes(position + 1))
                         tokens = torch.cat((text_tokens, codes_so_far), dim=1)
                         hidden = self._hidden(tokens, 0, key_padding_mask, last_only=True)[:, 0]
                         logits = self._image_logits(hidden)
