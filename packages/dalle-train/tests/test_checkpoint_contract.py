@@ -41,7 +41,7 @@ def model(vae_dir: Path) -> DiscreteVAE:
 
 
 def state(step: int) -> dict[str, Any]:
-    return {"step": step, "moments": torch.arange(4.0) * step, "run": {"flags": {"seed": 0}}}
+    return {"step": step, "moments": torch.arange(4.0) * step, "run": {"config": {"optim": {"seed": 0}}}}
 
 
 def names(checkpoints: Path) -> list[str]:

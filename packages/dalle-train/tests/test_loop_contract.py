@@ -137,7 +137,8 @@ def run(tmp_path: Path, task: Linear, settings: LoopSettings, *, schedule: str =
     optimizer = torch.optim.SGD(task.model.parameters(), lr=lr)
     schedule_ = Schedule(optimizer, schedule, total or settings.max_steps, warmup)
     records = Records()
-    outcome = train(task, Numbers(), optimizer, schedule_, settings, tmp_path, records, {"flags": {}}, resume)
+    outcome = train(task, Numbers(), optimizer, schedule_, settings, tmp_path, records, {"config": {}},
+                    resume)
     return outcome, records, schedule_
 
 
@@ -181,7 +182,7 @@ def test_records_samples_checkpoints_and_outcome_are_exact(tmp_path: Path, clock
     assert sorted(p.name for p in checkpoints.iterdir()) == [LATEST, "step-4", "step-5"]
     assert outcome == Outcome(5, checkpoints / "step-5", None, records.losses()[5])
     state = load_state(checkpoints / "step-4")
-    assert state["step"] == 4 and state["data"] == {"position": 8} and state["run"] == {"flags": {}}
+    assert state["step"] == 4 and state["data"] == {"position": 8} and state["run"] == {"config": {}}
     bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert bar.startswith("loopy: 100%") and "| 5/5 [" in bar
 

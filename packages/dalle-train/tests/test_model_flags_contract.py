@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,14 @@ from dalle_train.training.checkpoints import save_checkpoint
 from dalle_train.training.layout import CHECKPOINTS
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def namespace(*argv: str) -> argparse.Namespace:
     args = build_parser().parse_args(["dalle", *argv])
     args.given = given_flags(["dalle", *argv])
-    dalle.fill_model_defaults(args)
     return args
+
+
+def parse(*argv: str) -> dalle.DalleConfig:
+    return dalle.DalleConfig.from_args(namespace(*argv))
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +49,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, vae_dir: Path) -> Path:
 
 
 def test_dalle_path_of_a_run_resumes_it(tmp_path: Path, model_dir: Path) -> None:
-    assert dalle.start_point(parse(*SHAPES)) is None
+    config = parse(*SHAPES)
+    assert dalle.start_point(config) == (config, None)
     out = tmp_path / "run"
     save_checkpoint(out / CHECKPOINTS, 3, DALLE.from_pretrained(model_dir), {"step": 3}, keep=None)
-    args = parse(*SHAPES, "--dalle-path", str(out), "--dim", "16")
-    assert dalle.start_point(args) is None
-    assert args.resume_from == out / CHECKPOINTS / "step-3"
+    config = parse(*SHAPES, "--dalle-path", str(out), "--dim", "16")
+    resumed, start_from = dalle.start_point(config)
+    assert start_from is None and resumed.launch.resume_from == out / CHECKPOINTS / "step-3"
+    assert resumed == replace(config, launch=replace(config.launch, resume_from=resumed.launch.resume_from))
 
 
 def test_dalle_path_of_a_model_starts_from_it_and_refuses_model_flags(model_dir: Path) -> None:
     args = parse(*SHAPES, "--dalle-path", str(model_dir), "--learning-rate", "0.1", "--batch-size", "2")
-    assert dalle.start_point(args) == model_dir
+    assert dalle.start_point(args) == (args, model_dir)
     args = parse(*SHAPES, "--dalle-path", str(model_dir), "--vae_path", "v", "--learning-rate", "0.1",
                  "--text-seq-len", "9")
     with pytest.raises(TrainError) as caught:
@@ -91,7 +97,7 @@ def test_new_model_uses_the_tokenizer_vocabulary_and_the_openai_vae_by_default(
 def test_a_model_the_flags_cannot_build_is_a_one_line_error(vae_dir: Path, flag: str) -> None:
     args = parse(*SHAPES, *TINY_DALLE, "--vae-path", str(vae_dir), flag, "nonsense")
     with pytest.raises((ValueError, LookupError)) as direct:
-        DALLE(vae=DiscreteVAE.from_pretrained(vae_dir), num_text_tokens=300, **dalle.model_kwargs(args))
+        DALLE(vae=DiscreteVAE.from_pretrained(vae_dir), num_text_tokens=300, **dalle.model_kwargs(args.model))
     with pytest.raises(TrainError) as caught:
         dalle.build_model(args, None)
     assert str(caught.value) == str(direct.value) and "'nonsense'" in str(direct.value)
@@ -101,15 +107,15 @@ def test_run_trains_on_the_device(tmp_path: Path, vae_dir: Path, monkeypatch: py
     meta = torch.device("meta")  # stands in for another device than the one the model is built on
     prepare_run = dalle.prepare_run
 
-    def on_meta(args: argparse.Namespace, fixed: frozenset[str]) -> Any:
-        run = prepare_run(args, fixed)
+    def on_meta(config: dalle.DalleConfig) -> Any:
+        run = prepare_run(config)
         run.device = meta
         return run
 
     seen: list[Any] = []
     monkeypatch.setattr(dalle, "prepare_run", on_meta)
-    monkeypatch.setattr(dalle, "fit", lambda task, batches, args, run: seen.append((task, run)) or 7)
-    args = parse(*SHAPES, *TINY_DALLE, "--vae-path", str(vae_dir), "--output-dir", str(tmp_path))
+    monkeypatch.setattr(dalle, "fit", lambda task, batches, run: seen.append((task, run)) or 7)
+    args = namespace(*SHAPES, *TINY_DALLE, "--vae-path", str(vae_dir), "--output-dir", str(tmp_path))
     assert dalle.run(args) == 7
     task, run = seen[0]
     assert run.device == meta and task.device == meta
@@ -121,4 +127,4 @@ def test_shared_ids_that_are_not_integers_are_a_one_line_error(vae_dir: Path, fl
     args = parse(*SHAPES, *TINY_DALLE, "--vae-path", str(vae_dir), flag, "0,one")
     message = "^shared ids must be comma-separated integers like 0,1,0,1, got '0,one'$"
     with pytest.raises(TrainError, match=message):
-        dalle.model_kwargs(args)
+        dalle.model_kwargs(args.model)

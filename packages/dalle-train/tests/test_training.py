@@ -232,7 +232,7 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path: Path) -> No
     settings = LoopSettings(Precision("fp32", torch.device("cpu")), max_steps=10, save_every=2, log_every=5)
     with pytest.raises(TrainError, match=r"loss became nan by step 4; the last good checkpoint is .*step-2"):
         train(task, Endless(), optimizer, Schedule(optimizer, "constant", 10), settings, tmp_path,
-              MetricsLog(tmp_path), {"flags": {}})
+              MetricsLog(tmp_path), {"config": {}})
     assert (tmp_path / CHECKPOINTS / LATEST).read_text().strip() == "step-2"
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -36,6 +37,7 @@ from safetensors import SafetensorError
 from dalle_core.interfaces import Tokenizer
 from dalle_core.plugins import create_tokenizer, create_vae, load_vae, registry
 from dalle_core.pretrained import read_config
+from dalle_train.config import Section, option
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.training.layout import find_model_dir
@@ -57,6 +59,27 @@ LOAD_ERRORS = (KeyError, ValueError, TypeError, ImportError, OSError, Safetensor
 
 T = TypeVar("T")
 _told_about_default = False
+
+
+@dataclass(frozen=True)
+class TokenizerFlags(Section):
+    """The tokenizer flags as given (they shape the model: fixed when resuming)."""
+
+    tokenizer: str | None = option(None, fixed=True)
+    bpe_path: str | None = option(None, fixed=True)
+    hug: bool = option(False, fixed=True)
+    chinese: bool = option(False, fixed=True)
+
+
+@dataclass(frozen=True)
+class VaeFlags(Section):
+    """The VAE flags as given (they shape the model: fixed when resuming)."""
+
+    vae: str | None = option(None, fixed=True)
+    vae_path: str | None = option(None, fixed=True)
+    taming: bool = option(False, fixed=True)
+    vqgan_model_path: str | None = option(None, fixed=True)
+    vqgan_config_path: str | None = option(None, fixed=True)
 
 
 class TokenizerChoice(NamedTuple):
@@ -111,20 +134,20 @@ def add_vae_flags(parser: argparse.ArgumentParser, default_help: str | None = No
              help="VQGAN config (.yaml) going with --vqgan_model_path")
 
 
-def tokenizer_choice(args: argparse.Namespace) -> TokenizerChoice:
+def tokenizer_choice(flags: TokenizerFlags) -> TokenizerChoice:
     """Read the tokenizer flags; impossible combinations are a `TrainError`."""
-    name, path = args.tokenizer, args.bpe_path
-    if args.hug and args.chinese:
+    name, path = flags.tokenizer, flags.bpe_path
+    if flags.hug and flags.chinese:
         raise TrainError(
             "--hug (a Hugging Face tokenizer JSON file) and --chinese (a BERT vocabulary) "
             "contradict each other: drop one"
         )
-    if args.hug and path is None:
+    if flags.hug and path is None:
         raise TrainError("--hug reads a Hugging Face tokenizer JSON file: give it with --bpe_path FILE")
     implied, flag = None, None
-    if args.hug:
+    if flags.hug:
         implied, flag = "hf", "--hug"
-    elif args.chinese:
+    elif flags.chinese:
         implied, flag = "chinese", "--chinese"
     elif path is not None and name is None:
         implied = "hf" if Path(path).suffix.lower() == ".json" else "yttm"
@@ -139,15 +162,15 @@ def tokenizer_choice(args: argparse.Namespace) -> TokenizerChoice:
     return TokenizerChoice(name, kwargs)
 
 
-def tokenizer_from_args(args: argparse.Namespace, default: str | None = AUTO) -> Tokenizer | None:
+def tokenizer_from_args(flags: TokenizerFlags, default: str | None = AUTO) -> Tokenizer | None:
     """The tokenizer the flags pick, built through the plugin registry.
 
     Without a tokenizer flag: the tokenizer registered as ``default``; `AUTO` is ``bpe`` when
     dalle-tokenizers is installed and usable, else dalle-core's ``bytes`` (said once on stderr);
     None gives None (e.g. ``generate``, where the checkpoint brings its tokenizer).
     """
-    name, kwargs = tokenizer_choice(args)
-    flag = _tokenizer_flags(args)
+    name, kwargs = tokenizer_choice(flags)
+    flag = _tokenizer_flags(flags)
     if name is None:
         if default is None:
             return None
@@ -155,18 +178,18 @@ def tokenizer_from_args(args: argparse.Namespace, default: str | None = AUTO) ->
     return as_train_error(flag, lambda: create_tokenizer(name, **kwargs))
 
 
-def vae_choice(args: argparse.Namespace) -> VAEChoice:
+def vae_choice(flags: VaeFlags) -> VAEChoice:
     """Read the VAE flags; impossible combinations are a `TrainError`.
 
     ``--vae-path`` is resolved with `find_model_dir` (so a training run's directory works);
     when ``--taming`` or ``--vae`` come with it, the saved VAE must be of that kind.
     """
-    name, taming = args.vae, args.taming
+    name, taming = flags.vae, flags.taming
     files = {
         keyword: str(value)
         for keyword, value in (
-            (VQGAN_MODEL_KEYWORD, args.vqgan_model_path),
-            (VQGAN_CONFIG_KEYWORD, args.vqgan_config_path),
+            (VQGAN_MODEL_KEYWORD, flags.vqgan_model_path),
+            (VQGAN_CONFIG_KEYWORD, flags.vqgan_config_path),
         )
         if value is not None
     }
@@ -189,36 +212,36 @@ def vae_choice(args: argparse.Namespace) -> VAEChoice:
                 "--vqgan_model_path (.ckpt) and --vqgan_config_path (.yaml) go together: give both, "
                 "or neither for the default pretrained VQGAN"
             )
-    if args.vae_path is None:
+    if flags.vae_path is None:
         return VAEChoice(name, None, files)
     if files:
         raise TrainError(
-            f"--vae_path {args.vae_path} already holds a VAE's weights: drop --vqgan_model_path and "
+            f"--vae_path {flags.vae_path} already holds a VAE's weights: drop --vqgan_model_path and "
             f"--vqgan_config_path, or --vae_path"
         )
-    directory = find_model_dir(args.vae_path)
+    directory = find_model_dir(flags.vae_path)
     saved = _saved_vae_name(directory)
     if name is not None and saved != name and not (taming and saved in TAMING_VAES):
         what = "--taming" if taming else f"--vae {name}"
         raise TrainError(
-            f"{what} does not match --vae_path {args.vae_path}, which holds VAE {saved!r}: "
+            f"{what} does not match --vae_path {flags.vae_path}, which holds VAE {saved!r}: "
             f"drop {what}, or give the path of a {name} VAE"
         )
     return VAEChoice(saved, directory, {})
 
 
-def vae_from_args(args: argparse.Namespace, default: str | None = None) -> Any | None:
+def vae_from_args(flags: VaeFlags, default: str | None = None) -> Any | None:
     """The VAE the flags pick: loaded from ``--vae-path``, or built by name through the plugin
     registry (``--vae``, ``--taming`` with the VQGAN files as keywords); without a VAE flag
     the VAE registered as ``default``, or None when ``default`` is None."""
-    name, path, kwargs = vae_choice(args)
+    name, path, kwargs = vae_choice(flags)
     if path is not None:
-        return as_train_error(f"--vae_path {args.vae_path}", lambda: load_vae(path))
+        return as_train_error(f"--vae_path {flags.vae_path}", lambda: load_vae(path))
     if name is None:
         if default is None:
             return None
         name = default
-    flag = "--taming" if args.taming else f"--vae {name}" if args.vae else "default VAE"
+    flag = "--taming" if flags.taming else f"--vae {name}" if flags.vae else "default VAE"
     return as_train_error(flag, lambda: create_vae(name, **kwargs))
 
 
@@ -229,11 +252,11 @@ def _saved_vae_name(directory: Path) -> str:
         raise TrainError(f"--vae_path {directory}: {error}") from error
 
 
-def _tokenizer_flags(args: argparse.Namespace) -> str:
+def _tokenizer_flags(flags: TokenizerFlags) -> str:
     """The tokenizer flags given, as the user would have typed them (for messages)."""
-    given = [f"--tokenizer {args.tokenizer}" if args.tokenizer else "",
-             f"--bpe_path {args.bpe_path}" if args.bpe_path else "",
-             "--hug" if args.hug else "", "--chinese" if args.chinese else ""]
+    given = [f"--tokenizer {flags.tokenizer}" if flags.tokenizer else "",
+             f"--bpe_path {flags.bpe_path}" if flags.bpe_path else "",
+             "--hug" if flags.hug else "", "--chinese" if flags.chinese else ""]
     return " ".join(flag for flag in given if flag)
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
+from dalle_train.config import CaptionedData, ImageData, Optimization
 from dalle_train.data.folder import ImageFolder, ImageTextFolder
 from dalle_train.data.loader import Batches
 from dalle_train.data.report import SkipReport
@@ -13,19 +13,19 @@ from dalle_train.data.shapes import ShapesDataset
 from dalle_train.errors import TrainError
 
 
-def _source(args: argparse.Namespace, folder: Path | None, flag: str) -> str:
-    if folder is not None and args.dataset:
-        raise TrainError(f"{flag} and --dataset {args.dataset} both name a dataset: give one")
-    if folder is None and not args.dataset:
-        raise TrainError(f"no data: give {flag} DIR or --dataset shapes (built in, no download)")
-    return "shapes" if args.dataset else "folder"
+def _source(data: ImageData | CaptionedData) -> str:
+    if data.folder is not None and data.dataset:
+        raise TrainError(f"{data.folder_flag} and --dataset {data.dataset} both name a dataset: give one")
+    if data.folder is None and not data.dataset:
+        raise TrainError(f"no data: give {data.folder_flag} DIR or --dataset shapes (built in, no download)")
+    return "shapes" if data.dataset else "folder"
 
 
-def _shapes(args: argparse.Namespace, image_size: int, channels: int) -> ShapesDataset:
+def _shapes(data: ImageData | CaptionedData, seed: int, image_size: int, channels: int) -> ShapesDataset:
     if channels != 3:
         raise TrainError(f"--dataset shapes has RGB pictures; the model wants {channels} channels")
     try:
-        return ShapesDataset(args.dataset_size, seed=args.seed, image_size=image_size)
+        return ShapesDataset(data.dataset_size, seed=seed, image_size=image_size)
     except ValueError as error:
         raise TrainError(f"--dataset shapes: {error}") from error
 
@@ -35,25 +35,24 @@ def _announce(dataset: Any, what: str, report: SkipReport) -> None:
     print(f"{len(dataset)} {what} in {dataset.root}{skipped}")
 
 
-def captioned_dataset(args: argparse.Namespace, image_size: int, channels: int) -> Any:
+def captioned_dataset(data: CaptionedData, seed: int, image_size: int, channels: int) -> Any:
     """``--image-text-folder`` or ``--dataset shapes``, at the model's image size."""
-    folder = args.image_text_folder
-    if _source(args, folder, "--image-text-folder") == "shapes":
-        return _shapes(args, image_size, channels)
+    if _source(data) == "shapes":
+        return _shapes(data, seed, image_size, channels)
     report = SkipReport()
-    dataset = ImageTextFolder(Path(folder), image_size, channels, args.random_resize_crop_lower_ratio,
-                              seed=args.seed, report=report)
+    dataset = ImageTextFolder(Path(data.image_text_folder), image_size, channels,
+                              data.random_resize_crop_lower_ratio, seed=seed, report=report)
     _announce(dataset, "image-text pairs", report)
     return dataset
 
 
-def image_dataset(args: argparse.Namespace, image_size: int, channels: int) -> Any:
+def image_dataset(data: ImageData, seed: int, image_size: int, channels: int) -> Any:
     """``--image-folder`` or ``--dataset shapes`` (captions unused), for the VAE."""
-    folder = args.image_folder
-    if _source(args, folder, "--image-folder") == "shapes":
-        return _shapes(args, image_size, channels)
+    if _source(data) == "shapes":
+        return _shapes(data, seed, image_size, channels)
     report = SkipReport()
-    dataset = ImageFolder(Path(folder), image_size, channels, resize_ratio=1.0, seed=args.seed, report=report)
+    dataset = ImageFolder(Path(data.image_folder), image_size, channels, resize_ratio=1.0, seed=seed,
+                          report=report)
     _announce(dataset, "images", report)
     return dataset
 
@@ -83,10 +82,11 @@ def split_held_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
     return train, [sample for sample in held if sample is not None]
 
 
-def make_batches(dataset: Any, args: argparse.Namespace) -> Batches:
-    """Shuffled, resumable micro-batches of ``--batch-size``."""
-    if len(dataset) < args.batch_size:
+def make_batches(dataset: Any, optim: Optimization, data: ImageData | CaptionedData) -> Batches:
+    """Shuffled (with the run's seed), resumable micro-batches of ``--batch-size``, read by
+    ``--num-workers`` processes."""
+    if len(dataset) < optim.batch_size:
         raise TrainError(
-            f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} samples)"
+            f"--batch-size {optim.batch_size} is larger than the dataset ({len(dataset)} samples)"
         )
-    return Batches(dataset, args.batch_size, seed=args.seed, num_workers=args.num_workers)
+    return Batches(dataset, optim.batch_size, seed=optim.seed, num_workers=data.num_workers)

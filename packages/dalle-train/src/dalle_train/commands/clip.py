@@ -7,11 +7,12 @@ same tokenizer (``dalle-train generate --clip-path``).
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from dalle_core import CLIP
 from dalle_core.plugins import load_tokenizer
-from dalle_train.choices import add_tokenizer_flags, tokenizer_from_args
+from dalle_train.choices import TokenizerFlags, add_tokenizer_flags, tokenizer_from_args
 from dalle_train.commands.common import (
     add_data_flags,
     add_run_flags,
@@ -20,15 +21,45 @@ from dalle_train.commands.common import (
     load_model,
     prepare_run,
 )
+from dalle_train.config import CaptionedData, Section, TrainConfig, option
 from dalle_train.datasets import captioned_dataset, make_batches, split_held_out
 from dalle_train.flags import add_flag
 from dalle_train.tasks.clip import ClipTask
 
 TOKENIZER_DIR = "tokenizer"
-MODEL_FLAGS = ("dim_text", "dim_image", "dim_latent", "text_enc_depth", "text_heads", "text_seq_len",
-               "visual_enc_depth", "visual_heads", "visual_image_size", "visual_patch_size")
-FIXED = frozenset(MODEL_FLAGS) | {"tokenizer", "bpe_path", "hug", "chinese", "transparent",
-                                  "dataset", "dataset_size", "image_text_folder", "eval_size"}
+
+
+@dataclass(frozen=True)
+class ClipModel(Section):
+    """CLIP's keywords (fixed when resuming)."""
+
+    dim_text: int = option(fixed=True)
+    dim_image: int = option(fixed=True)
+    dim_latent: int = option(fixed=True)
+    text_enc_depth: int = option(fixed=True)
+    text_heads: int = option(fixed=True)
+    text_seq_len: int = option(fixed=True)
+    visual_enc_depth: int = option(fixed=True)
+    visual_heads: int = option(fixed=True)
+    visual_image_size: int = option(fixed=True)
+    visual_patch_size: int = option(fixed=True)
+
+
+@dataclass(frozen=True)
+class ClipTraining(Section):
+    """The pairs held out of training to measure retrieval (fixed: they are not trained on)."""
+
+    eval_size: int = option(fixed=True)
+
+
+@dataclass(frozen=True)
+class ClipConfig(TrainConfig):
+    """``dalle-train clip``'s configuration."""
+
+    data: CaptionedData
+    model: ClipModel
+    tokenizer: TokenizerFlags
+    task: ClipTraining
 
 
 def register(subparsers: Any) -> None:
@@ -51,18 +82,21 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; returns the exit code."""
-    run_ = prepare_run(args, FIXED)
+    run_ = prepare_run(ClipConfig.from_args(args))
+    config = run_.config
     if run_.resume_from is not None:
         model = load_model(CLIP, run_.resume_from)
         tokenizer = load_tokenizer(run_.out / TOKENIZER_DIR)
     else:
-        tokenizer = tokenizer_from_args(args)
-        model = CLIP(num_text_tokens=tokenizer.vocab_size, channels=4 if args.transparent else 3,
-                     **{key: getattr(args, key) for key in MODEL_FLAGS})
+        tokenizer = tokenizer_from_args(config.tokenizer)
+        model = CLIP(num_text_tokens=tokenizer.vocab_size, channels=4 if config.data.transparent else 3,
+                     **asdict(config.model))
         tokenizer.save_pretrained(run_.out / TOKENIZER_DIR)
     model = model.to(run_.device)
-    if args.compile:
+    if config.optim.compile:
         model.compile()
-    dataset = captioned_dataset(args, image_size=model.visual_image_size, channels=model.channels)
-    train_set, held = split_held_out(dataset, args.eval_size)
-    return fit(ClipTask(model, tokenizer, args, run_.device, held), make_batches(train_set, args), args, run_)
+    dataset = captioned_dataset(config.data, config.optim.seed, image_size=model.visual_image_size,
+                                channels=model.channels)
+    train_set, held = split_held_out(dataset, config.task.eval_size)
+    task = ClipTask(model, tokenizer, config.data.truncate_captions, run_.device, held)
+    return fit(task, make_batches(train_set, config.optim, config.data), run_)

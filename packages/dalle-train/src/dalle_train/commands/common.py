@@ -1,19 +1,20 @@
 """What the three training commands share: run, data and training flags, and run set-up
-(device, output directory, resume with its flag check, metrics, the training loop's settings).
+(device, output directory, resume with its configuration check, metrics, the training loop's
+settings) from the command's typed configuration (`dalle_train.config`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from dalle_train.choices import as_train_error
+from dalle_train.config import TrainConfig
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.training.checkpoints import load_state, resume_dir
@@ -21,13 +22,13 @@ from dalle_train.training.layout import CHECKPOINTS, latest_step_dir
 from dalle_train.training.loop import LoopSettings, Task, train
 from dalle_train.training.metrics import MetricsLog
 from dalle_train.training.optim import SCHEDULES, Schedule, build_optimizer
-from dalle_train.training.precision import PRECISIONS, Precision, precision_from_flags
+from dalle_train.training.precision import PRECISIONS, Precision
 from dalle_train.training.rng import seed_everything
 
-#: flags that describe where and how this process runs, never saved with a run
-NOT_SAVED = frozenset(
-    {"given", "run", "command", "resume", "resume_from", "start_fresh", "output_dir", "device"}
-)
+#: where a checkpoint's training state keeps the run's configuration (`TrainConfig.saved`)
+CONFIG_KEY = "config"
+#: where runs written before the configuration was typed kept their flat flags
+OLD_FLAGS_KEY = "flags"
 
 
 def add_run_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -114,16 +115,24 @@ def device_from_flag(flag: str) -> torch.device:
 
 @dataclass
 class Run:
-    """A prepared run: where it writes, what it resumes, how the loop behaves."""
+    """A prepared run: its configuration (merged with the checkpoint's when resuming), where it
+    writes, what it resumes, how the loop behaves."""
 
-    out: Path
+    config: Any  # the command's TrainConfig
     device: torch.device
     settings: LoopSettings
     metrics: MetricsLog
-    config: dict[str, Any]
     #: the checkpoint directory and its training state, when resuming
     resume_from: Path | None = None
     resume_state: dict[str, Any] | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.config.launch.output_dir
+
+    def saved(self) -> dict[str, Any]:
+        """What every checkpoint stores about the run: its configuration's sections."""
+        return {CONFIG_KEY: self.config.saved()}
 
 
 def load_model(cls: Any, directory: Path) -> Any:
@@ -132,49 +141,32 @@ def load_model(cls: Any, directory: Path) -> Any:
     return as_train_error(f"checkpoint {directory}", lambda: cls.from_pretrained(directory))
 
 
-def saved_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags that define a run, as JSON values (saved with every checkpoint)."""
-    values = {}
-    for key, value in vars(args).items():
-        if key in NOT_SAVED:
-            continue
-        values[key] = str(value) if isinstance(value, Path) else value
-    json.dumps(values)  # every flag is a JSON value
-    return values
+def saved_sections(config: TrainConfig, run_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The configuration a checkpoint's run was saved with (the flat flags of runs written
+    before the configuration was typed are read as the command line would be)."""
+    if CONFIG_KEY in run_state:
+        return run_state[CONFIG_KEY]
+    return config.sections_of_flags(run_state[OLD_FLAGS_KEY])
 
 
-def merge_resumed_flags(args: argparse.Namespace, saved: dict[str, Any], fixed: frozenset[str]) -> None:
-    """Take every flag the user did not give from the checkpoint; refuse a given flag in
-    ``fixed`` (what shapes the model, VAE or tokenizer) that differs from it."""
-    differences = []
-    for key, value in saved.items():
-        current = getattr(args, key, None)
-        current = str(current) if isinstance(current, Path) else current
-        if key not in args.given:
-            setattr(args, key, Path(value) if isinstance(getattr(args, key, None), Path) else value)
-        elif key in fixed and current != value:
-            differences.append(f"--{key.replace('_', '-')} {current} (checkpoint: {value})")
-    if differences:
-        raise TrainError(
-            "these flags differ from the checkpoint being resumed: " + "; ".join(differences)
-            + ". Drop them to keep the checkpoint's values, or pass --start-fresh to begin a new run"
-        )
+C = TypeVar("C", bound=TrainConfig)
 
 
-def prepare_run(args: argparse.Namespace, fixed: frozenset[str]) -> Run:
-    """Resolve resume (merging flags), seed, device and precision; open the metrics log."""
-    out: Path = args.output_dir
-    checkpoints = out / CHECKPOINTS
+def prepare_run(config: C) -> Run:
+    """Resolve resume (merging the configuration with the checkpoint's), seed, device and
+    precision; open the metrics log."""
+    launch = config.launch
+    checkpoints = launch.output_dir / CHECKPOINTS
     resume_from = resume_state = None
-    if args.start_fresh and (args.resume or getattr(args, "resume_from", None)):
+    if launch.start_fresh and (launch.resume or launch.resume_from):
         raise TrainError("--resume and --start-fresh contradict each other: pick one")
-    if args.start_fresh and checkpoints.exists():
+    if launch.start_fresh and checkpoints.exists():
         shutil.rmtree(checkpoints)
         print(f"--start-fresh: removed {checkpoints}")
-    elif args.resume or getattr(args, "resume_from", None):
-        resume_from = getattr(args, "resume_from", None) or resume_dir(checkpoints)
+    elif launch.resume or launch.resume_from:
+        resume_from = launch.resume_from or resume_dir(checkpoints)
         resume_state = load_state(resume_from)
-        merge_resumed_flags(args, resume_state["run"]["flags"], fixed)
+        config = config.resumed(saved_sections(config, resume_state["run"]))
     else:
         latest = latest_step_dir(checkpoints) if checkpoints.is_dir() else None
         if latest is not None:
@@ -182,41 +174,40 @@ def prepare_run(args: argparse.Namespace, fixed: frozenset[str]) -> Run:
                 f"{checkpoints} already holds checkpoints (latest: {latest.name}): pass --resume to "
                 f"continue that run, --start-fresh to replace it, or another --output-dir"
             )
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    device = device_from_flag(args.device)
-    precision = Precision(precision_from_flags(args.precision, args.fp16, args.amp), device)
-    if args.lr_decay:
-        args.lr_schedule = "plateau"
-    for flag in ("batch_size", "ga_steps", "epochs", "save_every_n_steps", "log_every"):
-        if getattr(args, flag) < 1:
-            raise TrainError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise TrainError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if launch.threads:
+        torch.set_num_threads(launch.threads)
+    optim, logging = config.optim, config.logging
+    seed_everything(optim.seed)
+    device = device_from_flag(launch.device)
+    counts = {"batch_size": optim.batch_size, "ga_steps": optim.ga_steps, "epochs": optim.epochs,
+              "save_every_n_steps": config.checkpoints.save_every_n_steps, "log_every": logging.log_every}
+    for flag, count in counts.items():
+        if count < 1:
+            raise TrainError(f"--{flag.replace('_', '-')} must be at least 1, got {count}")
+    if optim.max_steps is not None and optim.max_steps < 1:
+        raise TrainError(f"--max-steps must be at least 1, got {optim.max_steps}")
     settings = LoopSettings(
-        precision=precision, epochs=args.epochs, max_steps=args.max_steps, ga_steps=args.ga_steps,
-        clip_grad_norm=args.clip_grad_norm or None, save_every=args.save_every_n_steps,
-        keep=args.keep_n_checkpoints, log_every=args.log_every, sample_every=args.sample_every,
+        precision=Precision(optim.precision, device), epochs=optim.epochs, max_steps=optim.max_steps,
+        ga_steps=optim.ga_steps, clip_grad_norm=optim.clip_grad_norm,
+        save_every=config.checkpoints.save_every_n_steps, keep=config.checkpoints.keep_n_checkpoints,
+        log_every=logging.log_every, sample_every=logging.sample_every,
     )
-    config = saved_flags(args)
-    metrics = MetricsLog(
-        out, tensorboard=args.tensorboard,
-        wandb_project=args.wandb_name or ("dalle-train" if args.wandb else None),
-        wandb_entity=args.wandb_entity, config=config,
-    )
-    return Run(out, device, settings, metrics, {"flags": config}, resume_from, resume_state)
+    metrics = MetricsLog(launch.output_dir, tensorboard=logging.tensorboard,
+                         wandb_project=logging.wandb_project, wandb_entity=logging.wandb_entity,
+                         config=config.saved())
+    return Run(config, device, settings, metrics, resume_from, resume_state)
 
 
-def fit(task: Task, batches: Any, args: argparse.Namespace, run: Run) -> int:
+def fit(task: Task, batches: Any, run: Run) -> int:
     """Optimizer, schedule, the training loop, and the closing line; returns the exit code
     (0, or 128 + the signal after SIGINT/SIGTERM, with a checkpoint saved)."""
-    optimizer = build_optimizer(task.model, args.learning_rate, args.weight_decay)
-    schedule = Schedule(optimizer, args.lr_schedule, run.settings.total_steps(batches.batches_per_epoch),
-                        args.warmup_steps, args.lr_decay_rate)
+    optim = run.config.optim
+    optimizer = build_optimizer(task.model, optim.learning_rate, optim.weight_decay)
+    schedule = Schedule(optimizer, optim.lr_schedule, run.settings.total_steps(batches.batches_per_epoch),
+                        optim.warmup_steps, optim.lr_decay_rate)
     try:
         outcome = train(task, batches, optimizer, schedule, run.settings, run.out, run.metrics,
-                        run.config, run.resume_state)
+                        run.saved(), run.resume_state)
     finally:
         run.metrics.close()
     where = f"checkpoint {outcome.checkpoint}" if outcome.checkpoint else "no checkpoint"

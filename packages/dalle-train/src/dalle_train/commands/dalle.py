@@ -7,12 +7,20 @@ default to None here and take `MODEL_DEFAULTS` (or, when resuming, the checkpoin
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from dalle_core import DALLE
 from dalle_core.plugins import UnknownPluginError
-from dalle_train.choices import add_tokenizer_flags, add_vae_flags, tokenizer_from_args, vae_from_args
+from dalle_train.choices import (
+    TokenizerFlags,
+    VaeFlags,
+    add_tokenizer_flags,
+    add_vae_flags,
+    tokenizer_from_args,
+    vae_from_args,
+)
 from dalle_train.commands.common import (
     add_data_flags,
     add_run_flags,
@@ -21,27 +29,66 @@ from dalle_train.commands.common import (
     load_model,
     prepare_run,
 )
+from dalle_train.config import CaptionedData, Section, TrainConfig, option
 from dalle_train.datasets import captioned_dataset, make_batches
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
-from dalle_train.tasks.dalle import DalleTask
+from dalle_train.tasks.dalle import DalleTask, DalleTraining
 from dalle_train.training.layout import TRAINING_STATE, find_model_dir
+
+
+@dataclass(frozen=True)
+class DalleModel(Section):
+    """DALLE keywords (fixed when resuming), defaulting as upstream ``train_dalle.py``: the
+    model flags default to None on the command line, so a resumed run can take the checkpoint's
+    values, and those not given take these defaults."""
+
+    dim: int = option(512, fixed=True)
+    text_seq_len: int = option(256, fixed=True)
+    depth: int = option(2, fixed=True)
+    heads: int = option(8, fixed=True)
+    dim_head: int = option(64, fixed=True)
+    reversible: bool = option(False, fixed=True)
+    attn_dropout: float = option(0.0, fixed=True)
+    ff_dropout: float = option(0.0, fixed=True)
+    loss_img_weight: float = option(7.0, fixed=True)
+    #: comma-separated, cycled over the layers
+    attn_types: str = option("full", fixed=True)
+    shift_tokens: bool = option(True, fixed=True)
+    rotary_emb: bool = option(True, fixed=True)
+    #: comma-separated layer ids, as upstream's ``--shared_attn_ids 0,1,0,1``
+    shared_attn_ids: str | None = option(None, fixed=True)
+    shared_ff_ids: str | None = option(None, fixed=True)
+    share_input_output_emb: bool = option(False, fixed=True)
+    stable_softmax: bool = option(False, fixed=True)
+    sandwich_norm: bool = option(False, fixed=True)
+    attn_kernel: str = option("auto", fixed=True)
+    #: activation checkpointing: memory, not the model (a resumed run may change it)
+    checkpointing: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DalleModel:
+        values = {item.name: getattr(args, item.name) for item in fields(cls)}
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
 
 #: DALLE keywords and the values used when neither the command line nor a checkpoint sets them
 MODEL_DEFAULTS: dict[str, Any] = {
-    "dim": 512, "text_seq_len": 256, "depth": 2, "heads": 8, "dim_head": 64, "reversible": False,
-    "attn_dropout": 0.0, "ff_dropout": 0.0, "loss_img_weight": 7.0, "attn_types": "full",
-    "shift_tokens": True, "rotary_emb": True, "shared_attn_ids": None, "shared_ff_ids": None,
-    "share_input_output_emb": False, "stable_softmax": False, "sandwich_norm": False,
-    "attn_kernel": "auto",
+    item.name: item.default for item in fields(DalleModel) if item.metadata.get("fixed")
 }
 #: flags that shape the model: its keywords, its VAE and its tokenizer
-MODEL_FLAGS = frozenset(MODEL_DEFAULTS) | {
-    "vae", "vae_path", "taming", "vqgan_model_path", "vqgan_config_path",
-    "tokenizer", "bpe_path", "hug", "chinese",
-}
-#: flags that must equal the checkpoint's when resuming
-FIXED = MODEL_FLAGS | {"dataset", "dataset_size", "image_text_folder", "transparent"}
+MODEL_FLAGS = frozenset(MODEL_DEFAULTS) | {item.name for item in fields(VaeFlags) + fields(TokenizerFlags)}
+
+
+@dataclass(frozen=True)
+class DalleConfig(TrainConfig):
+    """``dalle-train dalle``'s configuration."""
+
+    data: CaptionedData
+    model: DalleModel
+    vae: VaeFlags
+    tokenizer: TokenizerFlags
+    task: DalleTraining
 
 
 def _ids(text: str | None) -> tuple[int, ...] | None:
@@ -92,65 +139,62 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(run=run)
 
 
-def fill_model_defaults(args: argparse.Namespace) -> None:
-    """Model flags not given take `MODEL_DEFAULTS` (so the saved flags hold real values)."""
-    for key, default in MODEL_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-
-
-def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """DALLE keywords from the flags."""
-    values = {key: getattr(args, key) for key in MODEL_DEFAULTS}
+def model_kwargs(model: DalleModel) -> dict[str, Any]:
+    """DALLE keywords from the model section."""
+    values = {key: getattr(model, key) for key in MODEL_DEFAULTS}
     stable = values.pop("stable_softmax")
     attn_types = tuple(t.strip() for t in str(values.pop("attn_types")).split(",") if t.strip())
     return {
         **values, "stable": stable, "attn_types": attn_types,
         "shared_attn_ids": _ids(values["shared_attn_ids"]), "shared_ff_ids": _ids(values["shared_ff_ids"]),
-        "activation_checkpointing": args.checkpointing,
+        "activation_checkpointing": model.checkpointing,
     }
 
 
-def build_model(args: argparse.Namespace, start_from: Path | None) -> DALLE:
+def build_model(config: DalleConfig, start_from: Path | None) -> DALLE:
     """The DALLE of a checkpoint (resumed, or ``--dalle-path``), or a new one from the flags."""
     if start_from is not None:
         model = load_model(DALLE, start_from)
-        model.transformer.activation_checkpointing = args.checkpointing
+        model.transformer.activation_checkpointing = config.model.checkpointing
         return model
-    tokenizer = tokenizer_from_args(args)
-    vae = vae_from_args(args, default="openai")
+    tokenizer = tokenizer_from_args(config.tokenizer)
+    vae = vae_from_args(config.vae, default="openai")
     try:
-        return DALLE(vae=vae, num_text_tokens=tokenizer.vocab_size, tokenizer=tokenizer, **model_kwargs(args))
+        return DALLE(vae=vae, num_text_tokens=tokenizer.vocab_size, tokenizer=tokenizer,
+                     **model_kwargs(config.model))
     except (UnknownPluginError, ValueError) as error:
         raise TrainError(str(error)) from error
 
 
-def start_point(args: argparse.Namespace) -> Path | None:
-    """``--dalle-path``: a resumable checkpoint continues exactly (as ``--resume``); a model
-    directory only gives the starting weights, so model flags cannot be given with it."""
-    if args.dalle_path is None:
-        return None
-    model_dir = find_model_dir(args.dalle_path)
+def start_point(config: DalleConfig) -> tuple[DalleConfig, Path | None]:
+    """``--dalle-path``: a resumable checkpoint continues exactly (as ``--resume``: it becomes
+    ``launch.resume_from``); a model directory only gives the starting weights (returned), so
+    model flags cannot be given with it."""
+    dalle_path = config.task.dalle_path
+    if dalle_path is None:
+        return config, None
+    model_dir = find_model_dir(dalle_path)
     if (model_dir / TRAINING_STATE).is_dir():
-        args.resume_from = model_dir
-        return None
-    given = sorted(f"--{key.replace('_', '-')}" for key in args.given & MODEL_FLAGS)
+        return replace(config, launch=replace(config.launch, resume_from=model_dir)), None
+    given = sorted(f"--{key.replace('_', '-')}" for key in config.launch.given & MODEL_FLAGS)
     if given:
-        raise TrainError(f"{', '.join(given)} cannot be combined with --dalle-path {args.dalle_path}: "
+        raise TrainError(f"{', '.join(given)} cannot be combined with --dalle-path {dalle_path}: "
                          f"the model, its VAE and tokenizer come from that checkpoint")
-    return model_dir
+    return config, model_dir
 
 
 def run(args: argparse.Namespace) -> int:
     """Train; returns the exit code."""
-    fill_model_defaults(args)
-    start_from = start_point(args)
-    run_ = prepare_run(args, FIXED)
-    model = build_model(args, run_.resume_from or start_from).to(run_.device)
-    if args.transparent and model.channels != 4:
+    config, start_from = start_point(DalleConfig.from_args(args))
+    run_ = prepare_run(config)
+    config = run_.config
+    model = build_model(config, run_.resume_from or start_from).to(run_.device)
+    if config.data.transparent and model.channels != 4:
         raise TrainError(f"--transparent reads RGBA images, but the VAE takes {model.channels} channels: "
                          f"drop --transparent, or use a VAE trained with --transparent")
-    if args.compile:
+    if config.optim.compile:
         model.transformer.compile()
-    dataset = captioned_dataset(args, image_size=model.image_size, channels=model.channels)
-    return fit(DalleTask(model, args, run_.device, dataset), make_batches(dataset, args), args, run_)
+    dataset = captioned_dataset(config.data, config.optim.seed, image_size=model.image_size,
+                                channels=model.channels)
+    task = DalleTask(model, config.task, config.data, config.optim.seed, run_.device, dataset)
+    return fit(task, make_batches(dataset, config.optim, config.data), run_)

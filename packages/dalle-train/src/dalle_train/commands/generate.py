@@ -39,6 +39,8 @@ from dalle_core.interfaces import Tokenizer
 from dalle_core.pretrained import atomic_write_bytes, write_json
 from dalle_train.choices import (
     TAMING_VAES,
+    TokenizerFlags,
+    VaeFlags,
     add_tokenizer_flags,
     add_vae_flags,
     as_train_error,
@@ -152,11 +154,12 @@ def load_dalle(args: argparse.Namespace, device: torch.device) -> DALLE:
     """The checkpoint's DALLE on ``device``, in eval mode, with a tokenizer flag's tokenizer
     and a VAE flag's VAE in place of its own (both checked against the model)."""
     directory = find_model_dir(args.dalle_path)
-    choice = vae_choice(args)  # flag combinations first: fail before loading anything
+    vae_flags = VaeFlags.from_args(args)
+    choice = vae_choice(vae_flags)  # flag combinations first: fail before loading anything
     dalle = as_train_error(
         f"--dalle_path {directory}", lambda: DALLE.from_pretrained(directory, map_location=device)
     ).eval()
-    tokenizer = tokenizer_from_args(args, default=None)
+    tokenizer = tokenizer_from_args(TokenizerFlags.from_args(args), default=None)
     if tokenizer is not None:
         check_tokenizer(tokenizer, dalle)
         dalle.tokenizer = tokenizer
@@ -173,7 +176,7 @@ def load_dalle(args: argparse.Namespace, device: torch.device) -> DALLE:
                 f"{directory} was trained with VAE {own!r}, not {choice.name!r}: drop --vae/--taming"
             )
     elif choice.name is not None:
-        vae = vae_from_args(args)
+        vae = vae_from_args(vae_flags)
         check_vae(vae, dalle)
         dalle.vae = vae.to(device).eval()
     return dalle

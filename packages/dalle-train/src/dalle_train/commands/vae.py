@@ -7,6 +7,7 @@ temperature anneals as there (``--starting_temp``, ``--temp_min``, ``--anneal_ra
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
 from dalle_core import DiscreteVAE
@@ -18,17 +19,36 @@ from dalle_train.commands.common import (
     load_model,
     prepare_run,
 )
+from dalle_train.config import ImageData, Section, TrainConfig, option
 from dalle_train.datasets import image_dataset, make_batches
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
-from dalle_train.tasks.vae import VaeTask
+from dalle_train.tasks.vae import VaeTask, VaeTraining
 
-#: flags that shape the model (they must match the checkpoint when resuming)
-FIXED = frozenset({
-    "image_size", "num_tokens", "num_layers", "num_resnet_blocks", "emb_dim", "hidden_dim",
-    "smooth_l1_loss", "kl_loss_weight", "straight_through", "reinmax", "transparent",
-    "dataset", "dataset_size", "image_folder",
-})
+
+@dataclass(frozen=True)
+class VaeModel(Section):
+    """The DiscreteVAE's shape and losses (fixed when resuming)."""
+
+    image_size: int = option(fixed=True)
+    num_tokens: int = option(fixed=True)
+    num_layers: int = option(fixed=True)
+    num_resnet_blocks: int = option(fixed=True)
+    emb_dim: int = option(fixed=True)
+    hidden_dim: int = option(fixed=True)
+    smooth_l1_loss: bool = option(fixed=True)
+    kl_loss_weight: float = option(fixed=True)
+    straight_through: bool = option(fixed=True)
+    reinmax: bool = option(fixed=True)
+
+
+@dataclass(frozen=True)
+class VaeConfig(TrainConfig):
+    """``dalle-train vae``'s configuration."""
+
+    data: ImageData
+    model: VaeModel
+    task: VaeTraining
 
 
 def register(subparsers: Any) -> None:
@@ -59,22 +79,27 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; returns the exit code."""
-    run_ = prepare_run(args, FIXED)
-    if args.image_size % 2 ** args.num_layers:
-        raise TrainError(f"--image-size {args.image_size} must be divisible by 2**--num-layers "
-                         f"({2 ** args.num_layers})")
+    run_ = prepare_run(VaeConfig.from_args(args))
+    config = run_.config
+    shape = config.model
+    if shape.image_size % 2 ** shape.num_layers:
+        raise TrainError(f"--image-size {shape.image_size} must be divisible by 2**--num-layers "
+                         f"({2 ** shape.num_layers})")
     if run_.resume_from is not None:
         model = load_model(DiscreteVAE, run_.resume_from)
     else:
         model = DiscreteVAE(
-            image_size=args.image_size, num_tokens=args.num_tokens, codebook_dim=args.emb_dim,
-            num_layers=args.num_layers, num_resnet_blocks=args.num_resnet_blocks, hidden_dim=args.hidden_dim,
-            channels=4 if args.transparent else 3, smooth_l1_loss=args.smooth_l1_loss,
-            kl_div_loss_weight=args.kl_loss_weight, straight_through=args.straight_through,
-            reinmax=args.reinmax,
+            image_size=shape.image_size, num_tokens=shape.num_tokens, codebook_dim=shape.emb_dim,
+            num_layers=shape.num_layers, num_resnet_blocks=shape.num_resnet_blocks,
+            hidden_dim=shape.hidden_dim,
+            channels=4 if config.data.transparent else 3, smooth_l1_loss=shape.smooth_l1_loss,
+            kl_div_loss_weight=shape.kl_loss_weight, straight_through=shape.straight_through,
+            reinmax=shape.reinmax,
         )
     model = model.to(run_.device)
-    if args.compile:
+    if config.optim.compile:
         model.compile()
-    dataset = image_dataset(args, image_size=model.image_size, channels=model.channels)
-    return fit(VaeTask(model, args, run_.device, dataset), make_batches(dataset, args), args, run_)
+    dataset = image_dataset(config.data, config.optim.seed, image_size=model.image_size,
+                            channels=model.channels)
+    task = VaeTask(model, config.task, run_.device, dataset)
+    return fit(task, make_batches(dataset, config.optim, config.data), run_)

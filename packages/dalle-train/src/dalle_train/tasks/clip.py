@@ -37,9 +37,10 @@ class ClipTask(Task):
 
     name = "clip"
 
-    def __init__(self, model: CLIP, tokenizer: Any, args: Any, device: torch.device, held: list[Any]) -> None:
+    def __init__(self, model: CLIP, tokenizer: Any, truncate_captions: bool, device: torch.device,
+                 held: list[Any]) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
-        self.text_seq_len, self.truncate = model.text_seq_len, bool(args.truncate_captions)
+        self.text_seq_len, self.truncate = model.text_seq_len, truncate_captions
         self.held = held
 
     def text(self, batch_captions: list[str], sources: list[str]) -> Tensor:

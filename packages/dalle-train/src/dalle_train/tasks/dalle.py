@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from dalle_core import DALLE
+from dalle_train.config import CaptionedData, Section
 from dalle_train.data.shapes import COLOURS, POSITIONS, PROMPTS, SHAPES, SIZES, Spec, judge, score
 from dalle_train.errors import TrainError
 from dalle_train.pictures import image_rows, save_png
@@ -49,20 +50,33 @@ def default_prompts(dataset: Any, count: int) -> list[str]:
     return prompts
 
 
+@dataclass(frozen=True)
+class DalleTraining(Section):
+    """Where a DALLE run starts, caption dropout, and the prompts of its sample grids."""
+
+    #: a DALLE checkpoint to start from (a run's checkpoint directory resumes it exactly)
+    dalle_path: Path | None
+    #: probability of dropping the caption, for classifier-free guidance
+    null_cond_prob: float
+    #: prompts separated by ``|``; None: captions of the first samples
+    sample_prompts: str | None
+
+
 class DalleTask(Task):
     """Caption + image -> DALLE loss (the VAE encodes the images inside the model, in fp32)."""
 
     name = "dalle"
 
-    def __init__(self, model: DALLE, args: argparse.Namespace, device: torch.device, dataset: Any) -> None:
+    def __init__(self, model: DALLE, training: DalleTraining, data: CaptionedData, seed: int,
+                 device: torch.device, dataset: Any) -> None:
         if model.tokenizer is None:
             raise TrainError("the DALLE has no tokenizer: pass --tokenizer (see dalle-train plugins)")
         self.model, self.device = model, device
-        self.text_seq_len, self.truncate = model.text_seq_len, bool(args.truncate_captions)
-        self.null_cond_prob, self.seed = args.null_cond_prob, args.seed
+        self.text_seq_len, self.truncate = model.text_seq_len, data.truncate_captions
+        self.null_cond_prob, self.seed = training.null_cond_prob, seed
         self.tokens_per_sample = model.text_seq_len + model.image_seq_len
-        given = [p.strip() for p in (args.sample_prompts or "").split("|") if p.strip()]
-        self.shapes = args.dataset == "shapes"
+        given = [p.strip() for p in (training.sample_prompts or "").split("|") if p.strip()]
+        self.shapes = data.dataset == "shapes"
         if self.shapes and not given:
             given = [Spec(*prompt).caption() for prompt in PROMPTS[:SAMPLE_PROMPTS]]
         self.prompts = given or default_prompts(dataset, SAMPLE_PROMPTS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from dalle_core import DiscreteVAE
+from dalle_train.config import Section
 from dalle_train.errors import TrainError
 from dalle_train.pictures import image_rows, save_png
 from dalle_train.training.loop import Task
@@ -48,21 +50,31 @@ def codebook_plot(counts: Tensor, path: Path) -> None:
     save_png(canvas, path)
 
 
+@dataclass(frozen=True)
+class VaeTraining(Section):
+    """The Gumbel temperature's annealing (as upstream) and the reconstruction grids."""
+
+    starting_temp: float
+    temp_min: float
+    anneal_rate: float
+    num_images_save: int
+
+
 class VaeTask(Task):
     """Images -> reconstruction loss (+ KL), at the annealed Gumbel temperature."""
 
     name = "vae"
 
-    def __init__(self, model: DiscreteVAE, args: Any, device: torch.device, dataset: Any) -> None:
+    def __init__(self, model: DiscreteVAE, training: VaeTraining, device: torch.device, dataset: Any) -> None:
         self.model, self.device = model, device
-        self.start, self.minimum, self.rate = args.starting_temp, args.temp_min, args.anneal_rate
+        self.start, self.minimum, self.rate = training.starting_temp, training.temp_min, training.anneal_rate
         count = min(len(dataset), USAGE_SAMPLES)
         picked = [s for s in (dataset[i] for i in range(count)) if s is not None]
         if not picked:
             raise TrainError(f"none of the first {count} images could be read (the warnings above name "
                              f"each file): replace them or use other data")
         self.held = torch.stack([s.image for s in picked])  # [n, C, H, W]
-        self.shown = max(1, min(args.num_images_save, len(self.held)))
+        self.shown = max(1, min(training.num_images_save, len(self.held)))
 
     def temperature(self, step: int) -> float:
         return vae_temperature(step, self.start, self.minimum, self.rate)

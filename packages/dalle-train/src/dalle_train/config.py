@@ -1,0 +1,249 @@
+"""Typed configuration of the training commands: their flags, parsed once into frozen sections.
+
+A command's flags become one `TrainConfig` (``vae``, ``dalle`` and ``clip`` each extend it with
+their model and task sections) by `TrainConfig.from_args`, right after argparse; the upstream
+spellings (``--fp16``, ``--amp``, ``--lr_decay``, ``--wandb``) are resolved there, and nothing
+downstream reads the argparse namespace. Each part of the program gets the sections it needs.
+
+Every field of a section is named after the flag that sets it (``learning_rate`` is
+``--learning-rate``); a field set by other flags too names them in its metadata (`option`).
+Runs save their sections as JSON (`TrainConfig.saved`), and ``--resume`` merges them back
+(`TrainConfig.resumed`): a field whose flags the user did not give takes the saved value, a
+given field that shapes the model or names the data (``fixed``) must equal the saved one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dalle_train.errors import TrainError
+from dalle_train.training.precision import precision_from_flags
+
+S = TypeVar("S", bound="Section")
+C = TypeVar("C", bound="TrainConfig")
+
+
+def option(default: Any = dataclasses.MISSING, *, flags: tuple[str, ...] = (), fixed: bool = False) -> Any:
+    """A section field. ``flags``: the ``dest`` of every flag that sets it, when not only its own
+    name (``precision`` is also set by ``--fp16`` and ``--amp``); ``fixed``: a resumed run must
+    keep the checkpoint's value (it shapes the model or names the data)."""
+    return field(default=default, metadata={"flags": flags, "fixed": fixed})
+
+
+def _flags(item: dataclasses.Field) -> tuple[str, ...]:
+    return item.metadata.get("flags") or (item.name,)
+
+
+def _flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _shown(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+class Section:
+    """Base of the frozen config sections: built from the parsed flags by field name, saved as
+    JSON, merged back on resume."""
+
+    @classmethod
+    def from_args(cls: type[S], args: argparse.Namespace) -> S:
+        """The section from argparse's namespace: each field from the flag of its name."""
+        return cls(**{item.name: getattr(args, item.name) for item in fields(cls)})  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        """Field -> JSON value (paths as strings)."""
+        return {item.name: _shown(getattr(self, item.name)) for item in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def decode(cls, name: str, value: Any) -> Any:
+        """A saved JSON value of field ``name`` as the field holds it (a path as a `Path`)."""
+        hint = typing.get_type_hints(cls)[name]
+        if value is not None and (hint is Path or Path in typing.get_args(hint)):
+            return Path(value)
+        return value
+
+    def resumed(self: S, saved: dict[str, Any], given: frozenset[str], differences: list[str]) -> S:
+        """This section with every field not given on the command line taken from ``saved``;
+        a given ``fixed`` field that differs from it is appended to ``differences``. Fields
+        the checkpoint lacks (new in this version) keep their parsed value; saved fields this
+        version lacks are ignored."""
+        changes = {}
+        for item in fields(self):  # type: ignore[arg-type]
+            if item.name not in saved:
+                continue
+            value = self.decode(item.name, saved[item.name])
+            if not given & set(_flags(item)):
+                changes[item.name] = value
+            elif item.metadata.get("fixed") and getattr(self, item.name) != value:
+                differences.append(f"{_flag_name(_flags(item)[0])} {_shown(getattr(self, item.name))} "
+                                   f"(checkpoint: {_shown(value)})")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Launch(Section):
+    """Where and how this process runs; never saved with a run."""
+
+    output_dir: Path
+    resume: bool
+    start_fresh: bool
+    device: str
+    threads: int | None
+    #: the ``dest`` of every flag written on the command line
+    given: frozenset[str] = frozenset()
+    #: a checkpoint to continue exactly, named otherwise than by ``--resume`` (``--dalle-path``)
+    resume_from: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Launch:
+        return cls(output_dir=args.output_dir, resume=args.resume, start_fresh=args.start_fresh,
+                   device=args.device, threads=args.threads, given=frozenset(getattr(args, "given", ())))
+
+
+@dataclass(frozen=True)
+class Optimization(Section):
+    """How the model is optimized: length, batches, AdamW, the schedule, precision, the seed."""
+
+    seed: int
+    epochs: int
+    max_steps: int | None
+    batch_size: int
+    ga_steps: int
+    learning_rate: float
+    weight_decay: float
+    #: None: no clipping (``--clip-grad-norm 0``)
+    clip_grad_norm: float | None
+    lr_schedule: str = option(flags=("lr_schedule", "lr_decay"))
+    lr_decay_rate: float = 0.98
+    warmup_steps: int = 0
+    #: fp32, bf16 or fp16, whichever of ``--precision``, ``--fp16``, ``--amp`` said it
+    precision: str = option("fp32", flags=("precision", "fp16", "amp"))
+    compile: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Optimization:
+        return cls(
+            seed=args.seed, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+            ga_steps=args.ga_steps, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+            clip_grad_norm=args.clip_grad_norm or None,
+            lr_schedule="plateau" if args.lr_decay else args.lr_schedule, lr_decay_rate=args.lr_decay_rate,
+            warmup_steps=args.warmup_steps,
+            precision=precision_from_flags(args.precision, args.fp16, args.amp),
+            compile=args.compile,
+        )
+
+
+@dataclass(frozen=True)
+class Checkpointing(Section):
+    """When checkpoints are written and how many are kept."""
+
+    save_every_n_steps: int
+    #: None: keep all
+    keep_n_checkpoints: int | None
+
+
+@dataclass(frozen=True)
+class Logging(Section):
+    """Metrics and pictures: how often, and where besides ``OUT/metrics.jsonl``."""
+
+    log_every: int
+    sample_every: int
+    tensorboard: bool
+    #: the W&B project (``--wandb-name``, or ``dalle-train`` for a bare ``--wandb``); None: no W&B
+    wandb_project: str | None = option(flags=("wandb_name", "wandb"))
+    wandb_entity: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Logging:
+        return cls(log_every=args.log_every, sample_every=args.sample_every, tensorboard=args.tensorboard,
+                   wandb_project=args.wandb_name or ("dalle-train" if args.wandb else None),
+                   wandb_entity=args.wandb_entity)
+
+
+@dataclass(frozen=True)
+class ImageData(Section):
+    """Images without captions (``dalle-train vae``): a folder or a built-in dataset."""
+
+    image_folder: Path | None = option(fixed=True)
+    dataset: str | None = option(fixed=True)
+    dataset_size: int = option(fixed=True)
+    transparent: bool = option(fixed=True)
+    num_workers: int = 0
+
+    #: the flag that names the folder (in messages)
+    folder_flag = "--image-folder"
+
+    @property
+    def folder(self) -> Path | None:
+        return self.image_folder
+
+
+@dataclass(frozen=True)
+class CaptionedData(Section):
+    """Image-text pairs (``dalle``, ``clip``): a folder or a built-in dataset."""
+
+    image_text_folder: Path | None = option(fixed=True)
+    dataset: str | None = option(fixed=True)
+    dataset_size: int = option(fixed=True)
+    transparent: bool = option(fixed=True)
+    num_workers: int = 0
+    random_resize_crop_lower_ratio: float = 0.75
+    truncate_captions: bool = False
+
+    folder_flag = "--image-text-folder"
+
+    @property
+    def folder(self) -> Path | None:
+        return self.image_text_folder
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training command's configuration: the sections every training command has. Each
+    command's subclass adds its model (and task) sections; every section but ``launch`` is saved
+    with the run."""
+
+    launch: Launch
+    optim: Optimization
+    checkpoints: Checkpointing
+    logging: Logging
+
+    @classmethod
+    def from_args(cls: type[C], args: argparse.Namespace) -> C:
+        """Every section from the parsed flags (the only reader of argparse's namespace)."""
+        hints = typing.get_type_hints(cls)
+        return cls(**{item.name: hints[item.name].from_args(args) for item in fields(cls)})
+
+    def saved(self) -> dict[str, dict[str, Any]]:
+        """The sections that define the run, as JSON (stored with every checkpoint)."""
+        return {item.name: getattr(self, item.name).to_json()
+                for item in fields(self) if item.name != "launch"}
+
+    def resumed(self: C, saved: dict[str, dict[str, Any]]) -> C:
+        """This configuration merged with a checkpoint's `saved` sections (see `Section.resumed`);
+        given fixed fields that differ from the checkpoint are one `TrainError` listing each."""
+        differences: list[str] = []
+        sections = {
+            item.name: getattr(self, item.name).resumed(saved[item.name], self.launch.given, differences)
+            for item in fields(self) if item.name != "launch" and item.name in saved
+        }
+        if differences:
+            raise TrainError(
+                "these flags differ from the checkpoint being resumed: " + "; ".join(sorted(differences))
+                + ". Drop them to keep the checkpoint's values, or pass --start-fresh to begin a new run"
+            )
+        return dataclasses.replace(self, **sections)
+
+    def sections_of_flags(self, flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """`saved` of a run written before the configuration was typed (its checkpoints store
+        the flat flags): each section built from them as from the command line."""
+        args = argparse.Namespace(**flags)
+        hints = typing.get_type_hints(type(self))
+        return {item.name: hints[item.name].from_args(args).to_json()
+                for item in fields(self) if item.name != "launch"}
