@@ -72,7 +72,7 @@ class KernelSelector:
     def __init__(self, name: str, patterns: set[str]):
         from dalle_core.plugins import create_attention_kernel
 
-        self.name = name
+        self.name = name  # as asked: a registered name or auto
         self.fallback = SDPAKernel()
         self.fixed: AttentionKernel | None = None
         if name != "auto":
@@ -322,7 +322,7 @@ class Attention(nn.Module):
             cache.k[:, :, ctx.offset : end] = k
             cache.v[:, :, ctx.offset : end] = v
             k, v = cache.k[:, :, :end], cache.v[:, :, :end]  # [B, H, offset + n, D]
-        decoding = ctx.offset > 0 or k.shape[-2] != n
+        decoding = ctx.offset > 0  # the queries start after position 0 (a cached step)
         kernel = self.kernels.select(self.pattern.kind, q, decoding)
         out = kernel(q, k, v, self.pattern, q_offset=ctx.offset, key_padding_mask=ctx.key_padding_mask)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # [B, n, dim]
