@@ -173,7 +173,8 @@ def test_plugins_can_be_blocked_by_entry_point_name(fake, monkeypatch):
         (create_vae, "openai", "dalle-vae-openai"),
         (create_vae, "gumbel-vqgan", "dalle-vae-taming"),
         (create_attention_kernel, "triton", "dalle-attn-sparse"),
-        (create_backend, "deepspeed", "dalle-train"),
+        (create_backend, "deepspeed", "dalle-dist-deepspeed"),
+        (create_backend, "horovod", "dalle-dist-horovod"),
     ],
 )
 def test_unknown_name_lists_names_and_says_what_to_install(create, name, package):

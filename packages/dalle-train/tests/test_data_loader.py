@@ -127,3 +127,33 @@ def test_batch_moves_to_a_device():
     (batch,) = take(Batches(ShapesDataset(4), 2), 1)
     moved = batch.to("cpu")
     assert moved.images.shape == (2, 3, 32, 32) and moved.captions == batch.captions
+
+
+def test_processes_read_disjoint_slices_of_the_batch_one_process_reads():
+    """Rank r of w at batch b takes samples [r * b, (r + 1) * b) of each global batch: together
+    the one process's batches of w * b, over epochs and after a resume at a global position."""
+    data = ShapesDataset(20, seed=3)
+    whole = Batches(data, 6, seed=4)  # 3 global batches of 6 per epoch
+    parts = [Batches(data, 2, seed=4, rank=rank, world_size=3) for rank in range(3)]
+    assert all(part.batches_per_epoch == whole.batches_per_epoch == 3 for part in parts)
+    expected = take(whole, 5)
+    taken = [take(part, 5) for part in parts]
+    for step, batch in enumerate(expected):
+        assert [s for part in taken for s in part[step].sources] == batch.sources
+        assert torch.equal(torch.cat([part[step].images for part in taken]), batch.images)
+    assert {part.state_dict()["position"] for part in parts} == {whole.position} == {12}
+    assert {part.epoch for part in parts} == {whole.epoch} == {1}
+    resumed = Batches(data, 2, seed=4, rank=1, world_size=3)
+    resumed.load_state_dict(parts[1].state_dict())
+    after = take(whole, 1)[0]
+    assert take(resumed, 1)[0].sources == after.sources[2:4]
+
+
+def test_a_rank_outside_the_world_and_partial_global_batches_are_refused():
+    data = ShapesDataset(8, seed=3)
+    with pytest.raises(ValueError, match="^rank 2 is not one of the 2 processes$"):
+        Batches(data, 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="^several processes need whole global batches: drop_last=True$"):
+        Batches(data, 2, rank=0, world_size=2, drop_last=False)
+    with pytest.raises(TrainError, match="fewer than one batch of 12"):
+        Batches(data, 4, rank=0, world_size=3)

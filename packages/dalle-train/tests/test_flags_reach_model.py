@@ -160,7 +160,8 @@ def built(monkeypatch, tmp_path) -> Callable[..., Facts]:
     it was handed."""
     captured: list[Facts] = []
 
-    def train(task, batches, optimizer, schedule, settings, out, metrics, run_config, resume=None):
+    def train(task, batches, optimizer, schedule, settings, out, metrics, run_config, resume=None,
+              backend=None):
         captured.append(facts(task, batches, optimizer, schedule, settings))
         return Outcome(step=0, checkpoint=None, last_loss=0.0)
 

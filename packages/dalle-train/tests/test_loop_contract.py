@@ -31,6 +31,7 @@ import torch
 import tqdm.std
 from torch import nn
 
+from dalle_core.backends import SingleProcessBackend
 from dalle_core.pretrained import PretrainedMixin
 from dalle_train.errors import TrainError
 from dalle_train.training import loop, rng
@@ -374,3 +375,130 @@ def test_rates_are_samples_over_the_seconds_so_far(tmp_path: Path, monkeypatch, 
     rates = [c[2]["samples_per_s"] for c in records.calls if c[0] == "log" and "loss" in c[2]]
     assert rates == [round(BATCH / 0.7, 2), round(2 * BATCH / 1.4, 2)] == [4.29, 4.29]
     assert "samples/s=4.3" in capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+class SecondOfTwo(SingleProcessBackend):
+    """Rank ``rank`` of two, in this process: the other process's objects are ``other`` (by
+    default this one's); records barriers, accumulation boundaries and backward calls; ``stop_at``:
+    the step at which `any` says that some process was asked to stop."""
+
+    plugin_name = "two"
+
+    def __init__(self, rank: int = 1, other: Any = None, stop_at: int | None = None) -> None:
+        self._rank, self.other, self.stop_at = rank, other, stop_at
+        self.barriers, self.syncs, self.backwards, self.asked = 0, [], 0, 0
+
+    world_size = 2
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def barrier(self) -> None:
+        self.barriers += 1
+
+    def accumulating(self, model, sync):
+        self.syncs.append(sync)
+        return super().accumulating(model, sync)
+
+    def backward(self, loss, scaler):
+        self.backwards += 1
+        super().backward(loss, scaler)
+
+    def any(self, flag: bool) -> bool:
+        self.asked += 1
+        return flag or self.asked == self.stop_at
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        mine = [obj, self.other if self.other is not None else obj]
+        return mine if self._rank == 0 else mine[::-1]
+
+
+def test_a_process_other_than_the_root_writes_nothing_and_waits_at_each_save(tmp_path: Path) -> None:
+    task, backend = Linear(), SecondOfTwo(rank=1)
+    settings = LoopSettings(Precision("fp32", CPU), max_steps=4, ga_steps=3, save_every=2, log_every=1,
+                            sample_every=1)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    outcome = train(task, Numbers(), optimizer, Schedule(optimizer, "constant", 4), settings, tmp_path,
+                    Records(), {}, backend=backend)
+    assert not (tmp_path / CHECKPOINTS).exists() and task.sampled == []
+    assert outcome.checkpoint == tmp_path / CHECKPOINTS / "step-4" and outcome.step == 4
+    assert backend.barriers == 2  # after each save (steps 2 and 4) of the root
+    assert backend.syncs == [False, False, True] * 4 and backend.backwards == 12
+    assert task.wrapped is task.model  # what this backend's wrap returned
+
+
+def test_the_root_saves_every_process_generators_and_checks_their_weights(tmp_path: Path) -> None:
+    other_rng = rng.rng_state()
+    other_rng["python"] = random.Random(7).getstate()
+    task = Linear()
+    settings = LoopSettings(Precision("fp32", CPU), max_steps=2, save_every=2)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    backend = SecondOfTwo(rank=0, other=(other_rng, [2.0]))  # another weight than this process's
+    message = (r"^at step 2 the weights of process\(es\) \[1\] differ from process 0's: the two backend did "
+               r"not keep them in step; nothing was saved$")
+    with pytest.raises(TrainError, match=message):
+        train(task, Numbers(), optimizer, Schedule(optimizer, "constant", 2), settings, tmp_path, Records(),
+              {}, backend=backend)
+    assert not (tmp_path / CHECKPOINTS / LATEST).exists()
+
+    def two_steps(task: Linear, out: Path, backend: Any = None) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+        train(task, Numbers(), optimizer, Schedule(optimizer, "constant", 2), settings, out, Records(), {},
+              backend=backend)
+        return load_state(out / CHECKPOINTS / "step-2")
+
+    state = two_steps(Linear(), tmp_path / "b", SecondOfTwo(rank=0))
+    assert len(state[loop.RNG_BY_RANK]) == 2
+    assert state["rng"]["python"] == state[loop.RNG_BY_RANK][0]["python"]
+    single = two_steps(Linear(), tmp_path / "c")
+    assert loop.RNG_BY_RANK not in single  # one process: as before
+
+
+def test_every_process_stops_when_any_is_asked_to(tmp_path: Path) -> None:
+    task, backend = Linear(), SecondOfTwo(rank=0, stop_at=2)
+    settings = LoopSettings(Precision("fp32", CPU), max_steps=10, save_every=100, log_every=100)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    outcome = train(task, Numbers(), optimizer, Schedule(optimizer, "constant", 10), settings, tmp_path,
+                    Records(), {}, backend=backend)
+    assert outcome.step == 2 and outcome.checkpoint == tmp_path / CHECKPOINTS / "step-2"
+    assert backend.asked == 2
+
+
+def test_rates_count_the_samples_of_every_process(tmp_path: Path) -> None:
+    task, records = Linear(), Records()
+    settings = LoopSettings(Precision("fp32", CPU), max_steps=1, log_every=1)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    clock = iter([100.0, 102.0])
+    original = loop.time.perf_counter
+    loop.time.perf_counter = lambda: next(clock)
+    try:
+        train(task, Numbers(), optimizer, Schedule(optimizer, "constant", 1), settings, tmp_path, records, {},
+              backend=SecondOfTwo(rank=0))
+    finally:
+        loop.time.perf_counter = original
+    values = records.calls[0][2]
+    assert values["samples_per_s"] == 2 * BATCH / 2 and values["tokens_per_s"] == 2 * BATCH * TOKENS / 2
+
+
+@pytest.mark.parametrize("world,rank", [(2, 1), (3, 0), (3, 2)])
+def test_resumed_generators_per_process(world: int, rank: int) -> None:
+    saved = []
+    for seed in (11, 12):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        saved.append(rng.rng_state())
+    backend = SecondOfTwo(rank=rank)
+    backend.world_size = world
+    loop._resume_rng({"rng": saved[0], loop.RNG_BY_RANK: saved}, backend, step=4)
+    drawn = torch.rand(2)
+    if world == 2:  # the same number of processes: each its own generators
+        rng.set_rng_state(saved[rank])
+    else:  # another: the root's, others reseeded from (step, rank)
+        rng.set_rng_state(saved[0])
+        if rank:
+            rng.seed_everything(4 * 1_000_003 + rank)
+    assert torch.equal(drawn, torch.rand(2))

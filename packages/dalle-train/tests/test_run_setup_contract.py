@@ -244,14 +244,14 @@ def test_runs_saved_with_flat_flags_resume(tmp_path: Path, vae_dir: Path, metric
     assert resumed.optim.lr_schedule == "plateau" and resumed.logging.wandb_project == "dalle-train"
 
 
-def test_the_saved_configuration_is_every_section_but_launch_as_json(tmp_path: Path) -> None:
+def test_the_saved_configuration_is_every_section_but_how_this_process_runs(tmp_path: Path) -> None:
     config = parse(*SHAPES, "--output-dir", str(tmp_path), "--image-folder", str(tmp_path), "--resume",
-                   "--device", "cpu")
+                   "--device", "cpu", "--distributed-backend", "ddp")
     saved = config.saved()
-    assert list(saved) == [item.name for item in fields(config) if item.name != "launch"]
-    assert saved == {item.name: asdict(getattr(config, item.name)) | (
-        {"image_folder": str(tmp_path)} if item.name == "data" else {}) for item in fields(config)
-        if item.name != "launch"}
+    kept = [item.name for item in fields(config) if item.name not in ("launch", "distributed")]
+    assert list(saved) == kept and config.distributed.backend == "ddp"
+    assert saved == {name: asdict(getattr(config, name)) | (
+        {"image_folder": str(tmp_path)} if name == "data" else {}) for name in kept}
     assert json.loads(json.dumps(saved)) == saved
 
 
@@ -311,8 +311,9 @@ def test_fit_runs_the_loop_with_the_flags_and_says_how_it_ended(
                     Outcome(step=0, checkpoint=None, interrupted_by=2, last_loss=None)])
 
     def train(task: Any, batches: Any, optimizer: Any, schedule: Any, settings: Any, out: Path, metrics: Any,
-              config: Any, resume_state: Any) -> Outcome:
-        calls.append((task, batches, optimizer, schedule, settings, out, metrics, config, resume_state))
+              config: Any, resume_state: Any, backend: Any) -> Outcome:
+        calls.append((task, batches, optimizer, schedule, settings, out, metrics, config, resume_state,
+                      backend))
         return next(endings)
 
     monkeypatch.setattr(common, "train", train)
@@ -322,7 +323,9 @@ def test_fit_runs_the_loop_with_the_flags_and_says_how_it_ended(
     assert run.metrics.closed
     got_task, got_batches, optimizer, schedule, *rest = calls[0]
     assert got_task is task and got_batches is batches
-    assert rest == [run.settings, run.out, run.metrics, {CONFIG_KEY: config.saved()}, run.resume_state]
+    assert rest == [run.settings, run.out, run.metrics, {CONFIG_KEY: config.saved()}, run.resume_state,
+                    run.backend]
+    assert run.backend.plugin_name == "none"
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups] == [
         (0.03, 0.1, 1), (0.03, 0.0, 1)]

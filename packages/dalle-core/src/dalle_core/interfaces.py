@@ -6,10 +6,12 @@ object that fits can be plugged in, registered or not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -113,7 +115,13 @@ class Tokenizer(ABC):
 class DistributedBackend(ABC):
     """Data-parallel training across processes. ``none`` is the one-process implementation.
 
-    Lifecycle: construct (cheap, no imports of heavy libraries), `initialize`, then use.
+    Lifecycle: construct (cheap, no imports of heavy libraries), `initialize`, then use, then
+    `shutdown`. The trainer's one loop runs every backend through these methods: per optimizer
+    step, each micro-batch's forward and `backward` run inside `accumulating` (gradients are
+    reduced across processes on the last one only), then `step`; `average` and `any` make every
+    process see the same loss and the same decision to stop; `gather_object` collects what each
+    process must save (its random generators). An engine that owns backward, loss scaling and
+    the optimizer step (DeepSpeed) overrides `backward` and `step`.
     """
 
     #: the name it is registered under with ``dalle_register_backends``
@@ -156,6 +164,49 @@ class DistributedBackend(ABC):
     @abstractmethod
     def average(self, tensor: Tensor) -> Tensor:
         """Mean of ``tensor`` over all processes (a new tensor; the input is not changed)."""
+
+    def device(self, requested: torch.device) -> torch.device:
+        """The device this process trains on, given the one asked for (``--device``): a
+        backend with one GPU per process picks ``cuda:<local_rank>``. Default: ``requested``."""
+        return requested
+
+    def accumulating(self, model: torch.nn.Module, sync: bool) -> AbstractContextManager[Any]:
+        """Context of one micro-batch's forward and backward through the wrapped ``model``;
+        ``sync`` is False for every micro-batch of an optimizer step but the last, so that
+        gradients are reduced across processes once per step. Default: nothing to do."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor, scaler: torch.amp.GradScaler) -> None:
+        """Backward of one micro-batch's loss (already divided by the accumulation steps),
+        scaled by ``scaler`` (a no-op unless fp16)."""
+        scaler.scale(loss).backward()
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip_grad_norm: float | None
+    ) -> None:
+        """The optimizer step after an accumulation's last micro-batch: unscale and clip the
+        gradients to ``clip_grad_norm`` (None: no clipping), step, update the scaler, zero
+        the gradients."""
+        if clip_grad_norm:
+            scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true in any process; every process gets the same answer (so
+        that all stop at the same step when one of them is asked to)."""
+        return bool(self.average(torch.tensor(float(flag), device="cpu")).item() > 0)
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, by rank, on every process (plain picklable data).
+        Default, for a world of one: ``[obj]``."""
+        return [obj]
+
+    def shutdown(self) -> None:  # noqa: B027 (optional to override: most backends have nothing to leave)
+        """Leave the process group at the end of a run. Default: nothing to leave."""
 
     def save_checkpoint(self, state: dict[str, Any], path: str | Path) -> None:
         """Save training state (root only, atomically); every process waits for it."""

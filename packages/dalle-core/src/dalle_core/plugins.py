@@ -67,7 +67,10 @@ INSTALL_HINTS: dict[str, dict[str, str]] = {
         "gumbel-vqgan": "dalle-vae-taming",
     },
     "attention": {"triton": "dalle-attn-sparse"},
-    "backends": {name: "dalle-train" for name in ("ddp", "deepspeed", "horovod")},
+    "backends": {
+        "ddp": "dalle-train", "fsdp": "dalle-train",
+        "deepspeed": "dalle-dist-deepspeed", "horovod": "dalle-dist-horovod",
+    },
 }
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from dalle_train.errors import TrainError
 from dalle_train.training.precision import precision_from_flags
@@ -50,6 +50,10 @@ def _shown(value: Any) -> Any:
 class Section:
     """Base of the frozen config sections: built from the parsed flags by field name, saved as
     JSON, merged back on resume."""
+
+    #: whether runs save this section (and a resume takes it from the checkpoint); False for
+    #: what only says where and how this process runs
+    saved: ClassVar[bool] = True
 
     @classmethod
     def from_args(cls: type[S], args: argparse.Namespace) -> S:
@@ -90,6 +94,8 @@ class Section:
 class Launch(Section):
     """Where and how this process runs; never saved with a run."""
 
+    saved: ClassVar[bool] = False
+
     output_dir: Path
     resume: bool
     start_fresh: bool
@@ -104,6 +110,26 @@ class Launch(Section):
     def from_args(cls, args: argparse.Namespace) -> Launch:
         return cls(output_dir=args.output_dir, resume=args.resume, start_fresh=args.start_fresh,
                    device=args.device, threads=args.threads, given=frozenset(getattr(args, "given", ())))
+
+
+@dataclass(frozen=True)
+class Distribution(Section):
+    """How the processes of a run train together; never saved (a run may resume on another
+    backend or number of processes)."""
+
+    saved: ClassVar[bool] = False
+    #: a registered distributed backend: none (one process), ddp, fsdp, deepspeed, horovod
+    backend: str = option("none", flags=("distributed_backend", "deepspeed"))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Distribution:
+        backend = args.distributed_backend
+        if args.deepspeed:
+            if backend not in ("none", "deepspeed"):
+                raise TrainError(f"--deepspeed means --distributed-backend deepspeed; it cannot be combined "
+                                 f"with --distributed-backend {backend}")
+            backend = "deepspeed"
+        return cls(backend=backend)
 
 
 @dataclass(frozen=True)
@@ -206,10 +232,11 @@ class CaptionedData(Section):
 @dataclass(frozen=True)
 class TrainConfig:
     """A training command's configuration: the sections every training command has. Each
-    command's subclass adds its model (and task) sections; every section but ``launch`` is saved
-    with the run."""
+    command's subclass adds its model (and task) sections; every section but ``launch`` and
+    ``distributed`` is saved with the run."""
 
     launch: Launch
+    distributed: Distribution
     optim: Optimization
     checkpoints: Checkpointing
     logging: Logging
@@ -222,16 +249,15 @@ class TrainConfig:
 
     def saved(self) -> dict[str, dict[str, Any]]:
         """The sections that define the run, as JSON (stored with every checkpoint)."""
-        return {item.name: getattr(self, item.name).to_json()
-                for item in fields(self) if item.name != "launch"}
+        return {item.name: section.to_json() for item, section in self._sections() if section.saved}
 
     def resumed(self: C, saved: dict[str, dict[str, Any]]) -> C:
         """This configuration merged with a checkpoint's `saved` sections (see `Section.resumed`);
         given fixed fields that differ from the checkpoint are one `TrainError` listing each."""
         differences: list[str] = []
         sections = {
-            item.name: getattr(self, item.name).resumed(saved[item.name], self.launch.given, differences)
-            for item in fields(self) if item.name != "launch" and item.name in saved
+            item.name: section.resumed(saved[item.name], self.launch.given, differences)
+            for item, section in self._sections() if section.saved and item.name in saved
         }
         if differences:
             raise TrainError(
@@ -246,4 +272,7 @@ class TrainConfig:
         args = argparse.Namespace(**flags)
         hints = typing.get_type_hints(type(self))
         return {item.name: hints[item.name].from_args(args).to_json()
-                for item in fields(self) if item.name != "launch"}
+                for item, section in self._sections() if section.saved}
+
+    def _sections(self) -> list[tuple[dataclasses.Field, Section]]:
+        return [(item, getattr(self, item.name)) for item in fields(self)]

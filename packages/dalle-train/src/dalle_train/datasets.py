@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dalle_core.interfaces import DistributedBackend
 from dalle_train.config import CaptionedData, ImageData, Optimization
 from dalle_train.data.folder import ImageFolder, ImageTextFolder
 from dalle_train.data.loader import Batches
@@ -82,11 +83,16 @@ def split_held_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
     return train, [sample for sample in held if sample is not None]
 
 
-def make_batches(dataset: Any, optim: Optimization, data: ImageData | CaptionedData) -> Batches:
-    """Shuffled (with the run's seed), resumable micro-batches of ``--batch-size``, read by
-    ``--num-workers`` processes."""
-    if len(dataset) < optim.batch_size:
+def make_batches(dataset: Any, optim: Optimization, data: ImageData | CaptionedData,
+                 backend: DistributedBackend | None = None) -> Batches:
+    """Shuffled (with the run's seed), resumable micro-batches of ``--batch-size`` per process,
+    read by ``--num-workers`` processes; each process of a distributed ``backend`` reads its
+    slice of every global batch."""
+    rank, world_size = (backend.rank, backend.world_size) if backend is not None else (0, 1)
+    if len(dataset) < optim.batch_size * world_size:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
         raise TrainError(
-            f"--batch-size {optim.batch_size} is larger than the dataset ({len(dataset)} samples)"
+            f"--batch-size {optim.batch_size}{processes} is larger than the dataset ({len(dataset)} samples)"
         )
-    return Batches(dataset, optim.batch_size, seed=optim.seed, num_workers=data.num_workers)
+    return Batches(dataset, optim.batch_size, seed=optim.seed, num_workers=data.num_workers, rank=rank,
+                   world_size=world_size)

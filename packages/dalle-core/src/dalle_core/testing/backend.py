@@ -73,6 +73,32 @@ class BackendConformance:
             averaged.add_(1)
             assert torch.equal(value, original), "average changed its input"
 
+    def test_accumulate_backward_and_step(self, backend: DistributedBackend) -> None:
+        """Two micro-batches accumulated (the first without a reduction), one clipped step:
+        the parameters move as one SGD step on the summed gradient, clipped, and the
+        gradients are zeroed."""
+        model, optimizer = self.model_and_optimizer()
+        reference, _ = self.model_and_optimizer()
+        model, optimizer = backend.wrap(model, optimizer)
+        device = next(model.parameters()).device
+        inputs = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        for index, micro in enumerate(inputs):
+            with backend.accumulating(model, sync=index == len(inputs) - 1):
+                backend.backward(model(micro.to(device)).pow(2).mean() / 2, scaler)
+        backend.step(optimizer, scaler, clip_grad_norm=0.01)
+        sum(reference(micro).pow(2).mean() / 2 for micro in inputs).backward()
+        torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 0.01)
+        for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+            assert mine.grad is None, "step leaves the gradients zeroed"
+            torch.testing.assert_close(mine.detach().cpu(), (theirs - 0.1 * theirs.grad).detach())
+
+    def test_device_any_and_gather(self, backend: DistributedBackend) -> None:
+        assert backend.device(torch.device("cpu")).type in ("cpu", "cuda")
+        assert backend.any(True) is True and backend.any(False) is False
+        assert backend.gather_object({"rank": backend.rank}) == [{"rank": 0}]
+        backend.shutdown()
+
     def test_checkpoint_round_trip(self, backend: DistributedBackend, tmp_path: Path) -> None:
         model, optimizer = self.model_and_optimizer()
         model(torch.ones(2, 4)).sum().backward()

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from dalle_core.interfaces import DistributedBackend
+from dalle_core.plugins import create_backend
 from dalle_train.choices import as_train_error
 from dalle_train.config import TrainConfig
 from dalle_train.errors import TrainError
@@ -20,7 +22,7 @@ from dalle_train.flags import add_flag
 from dalle_train.training.checkpoints import load_state, resume_dir
 from dalle_train.training.layout import CHECKPOINTS, latest_step_dir
 from dalle_train.training.loop import LoopSettings, Task, train
-from dalle_train.training.metrics import MetricsLog
+from dalle_train.training.metrics import MetricsLog, SilentMetrics
 from dalle_train.training.optim import SCHEDULES, Schedule, build_optimizer
 from dalle_train.training.precision import PRECISIONS, Precision
 from dalle_train.training.rng import seed_everything
@@ -47,6 +49,11 @@ def add_run_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
     add_flag(group, "--fp16", action="store_true", help="upstream spelling of --precision fp16")
     add_flag(group, "--amp", action="store_true", help="upstream spelling of --precision fp16")
     add_flag(group, "--compile", action="store_true", help="torch.compile the model")
+    add_flag(group, "--distributed-backend", "--distr_backend", default="none",
+             metavar="NAME", help="train in several processes: ddp (under torchrun), deepspeed, horovod, "
+             "... (see dalle-train plugins; default none: one process)")
+    add_flag(group, "--deepspeed", action="store_true",
+             help="upstream spelling of --distributed-backend deepspeed")
     add_flag(group, "--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     add_flag(group, "--wandb", action="store_true",
              help="also log to Weights & Biases (offline without an API key)")
@@ -122,6 +129,8 @@ class Run:
     device: torch.device
     settings: LoopSettings
     metrics: MetricsLog
+    #: the initialized distributed backend (``none``: one process)
+    backend: DistributedBackend
     #: the checkpoint directory and its training state, when resuming
     resume_from: Path | None = None
     resume_state: dict[str, Any] | None = None
@@ -152,17 +161,30 @@ def saved_sections(config: TrainConfig, run_state: dict[str, Any]) -> dict[str, 
 C = TypeVar("C", bound=TrainConfig)
 
 
+def start_backend(name: str) -> DistributedBackend:
+    """The distributed backend ``--distributed-backend NAME`` names, initialized (joined)."""
+    backend = as_train_error(f"--distributed-backend {name}", lambda: create_backend(name))
+    try:
+        backend.initialize()
+    except (RuntimeError, ValueError, OSError) as error:
+        raise TrainError(f"--distributed-backend {name}: {error}") from error
+    return backend
+
+
 def prepare_run(config: C) -> Run:
-    """Resolve resume (merging the configuration with the checkpoint's), seed, device and
-    precision; open the metrics log."""
+    """Join the distributed backend; resolve resume (merging the configuration with the
+    checkpoint's), seed (plus the rank), device and precision; open the metrics log (root)."""
     launch = config.launch
     checkpoints = launch.output_dir / CHECKPOINTS
     resume_from = resume_state = None
     if launch.start_fresh and (launch.resume or launch.resume_from):
         raise TrainError("--resume and --start-fresh contradict each other: pick one")
+    backend = start_backend(config.distributed.backend)
     if launch.start_fresh and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-        print(f"--start-fresh: removed {checkpoints}")
+        if backend.is_root:
+            shutil.rmtree(checkpoints)
+            print(f"--start-fresh: removed {checkpoints}")
+        backend.barrier()
     elif launch.resume or launch.resume_from:
         resume_from = launch.resume_from or resume_dir(checkpoints)
         resume_state = load_state(resume_from)
@@ -177,8 +199,8 @@ def prepare_run(config: C) -> Run:
     if launch.threads:
         torch.set_num_threads(launch.threads)
     optim, logging = config.optim, config.logging
-    seed_everything(optim.seed)
-    device = device_from_flag(launch.device)
+    seed_everything(optim.seed + backend.rank)  # each process its own dropout; rank 0 as one process
+    device = backend.device(device_from_flag(launch.device))
     counts = {"batch_size": optim.batch_size, "ga_steps": optim.ga_steps, "epochs": optim.epochs,
               "save_every_n_steps": config.checkpoints.save_every_n_steps, "log_every": logging.log_every}
     for flag, count in counts.items():
@@ -192,10 +214,17 @@ def prepare_run(config: C) -> Run:
         save_every=config.checkpoints.save_every_n_steps, keep=config.checkpoints.keep_n_checkpoints,
         log_every=logging.log_every, sample_every=logging.sample_every,
     )
-    metrics = MetricsLog(launch.output_dir, tensorboard=logging.tensorboard,
-                         wandb_project=logging.wandb_project, wandb_entity=logging.wandb_entity,
-                         config=config.saved())
-    return Run(config, device, settings, metrics, resume_from, resume_state)
+    metrics = SilentMetrics()
+    if backend.is_root:
+        metrics = MetricsLog(launch.output_dir, tensorboard=logging.tensorboard,
+                             wandb_project=logging.wandb_project, wandb_entity=logging.wandb_entity,
+                             config=config.saved())
+    if backend.world_size > 1 and backend.is_root:
+        per_step = backend.world_size * optim.batch_size * optim.ga_steps
+        print(f"distributed: {config.distributed.backend}, {backend.world_size} processes x --batch-size "
+              f"{optim.batch_size} x --ga-steps {optim.ga_steps} = {per_step} samples per optimizer step; "
+              f"--learning-rate {optim.learning_rate} is used as given (not scaled with the processes)")
+    return Run(config, device, settings, metrics, backend, resume_from, resume_state)
 
 
 def fit(task: Task, batches: Any, run: Run) -> int:
@@ -205,12 +234,16 @@ def fit(task: Task, batches: Any, run: Run) -> int:
     optimizer = build_optimizer(task.model, optim.learning_rate, optim.weight_decay)
     schedule = Schedule(optimizer, optim.lr_schedule, run.settings.total_steps(batches.batches_per_epoch),
                         optim.warmup_steps, optim.lr_decay_rate)
+    root = run.backend.is_root
     try:
         outcome = train(task, batches, optimizer, schedule, run.settings, run.out, run.metrics,
-                        run.saved(), run.resume_state)
+                        run.saved(), run.resume_state, run.backend)
     finally:
         run.metrics.close()
+        run.backend.shutdown()
     where = f"checkpoint {outcome.checkpoint}" if outcome.checkpoint else "no checkpoint"
+    if not root:  # the root says how the run ended
+        return 0 if outcome.interrupted_by is None else 128 + outcome.interrupted_by
     if outcome.interrupted_by is not None:
         print(f"stopped by signal {outcome.interrupted_by} at step {outcome.step}; {where}; "
               f"continue with: --resume --output-dir {run.out}")

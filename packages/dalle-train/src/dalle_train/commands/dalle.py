@@ -197,4 +197,4 @@ def run(args: argparse.Namespace) -> int:
     dataset = captioned_dataset(config.data, config.optim.seed, image_size=model.image_size,
                                 channels=model.channels)
     task = DalleTask(model, config.task, config.data, config.optim.seed, run_.device, dataset)
-    return fit(task, make_batches(dataset, config.optim, config.data), run_)
+    return fit(task, make_batches(dataset, config.optim, config.data, run_.backend), run_)

@@ -6,6 +6,11 @@ Epoch ``e`` visits the samples in a permutation drawn from ``(seed, e)``, and a 
 ``(its seed, epoch, index)``. So the position in the data is just two numbers, the epoch and
 the samples consumed in it: `state_dict` saves them, `load_state_dict` puts them back, and the
 next batch is exactly the one an uninterrupted run would have got, whatever the workers.
+
+Across ``world_size`` processes, an optimizer step's micro-batch is one global batch of
+``world_size * batch_size`` samples of that order, and process ``rank`` takes its slice: the
+ranks read disjoint samples, and together the same ones one process with the whole batch
+would. The position counts global samples, so it is the same in every process.
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ class _Plan:
         while True:
             order = self.batches.order(epoch)  # [N]
             while (end := self.batches._end(position)) is not None:
-                yield [(epoch, int(i)) for i in order[position:end]]
+                mine = order[position:end][self.batches.rank_slice]  # [batch_size] of the global batch
+                yield [(epoch, int(i)) for i in mine]
                 position = end
             epoch, position = epoch + 1, 0
 
@@ -91,7 +97,8 @@ class Batches:
     one where all are corrupt is skipped); ``seed``: the epochs' permutations; ``shuffle``:
     False visits the samples in index order; ``drop_last``: leave out each epoch's last,
     incomplete batch; ``num_workers``: DataLoader worker processes (0: load in this process);
-    ``pin_memory``: pin the images for faster copies to a GPU.
+    ``pin_memory``: pin the images for faster copies to a GPU; ``rank`` and ``world_size``:
+    this process's slice of each global batch (see the module's docstring).
 
     Iterating goes on over epochs until the caller stops: `epoch`, `position` and
     `batches_per_epoch` tell it where it is (they count a batch as consumed when it is
@@ -102,15 +109,22 @@ class Batches:
 
     def __init__(
         self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-        num_workers: int = 0, pin_memory: bool = False,
+        num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise TrainError(f"the batch size must be at least 1, not {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of the {world_size} processes")
+        if world_size > 1 and not drop_last:
+            raise ValueError("several processes need whole global batches: drop_last=True")
         if num_workers < 0:
             raise TrainError(f"the number of data workers must be 0 or more, not {num_workers}")
         self.dataset = dataset
         self.size = len(dataset)
         self.batch_size = batch_size
+        self.world_size = world_size
+        #: this process's samples of a global batch
+        self.rank_slice = slice(rank * batch_size, (rank + 1) * batch_size)
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -118,18 +132,23 @@ class Batches:
         self.pin_memory = pin_memory
         if self.batches_per_epoch == 0:
             raise TrainError(
-                f"the data has {self.size} usable samples, fewer than one batch of {batch_size}: "
-                f"lower the batch size or add data"
+                f"the data has {self.size} usable samples, fewer than one batch of "
+                f"{self.global_batch}: lower the batch size or add data"
             )
         self._epoch = 0
         self._position = 0
 
     @property
+    def global_batch(self) -> int:
+        """Samples of one micro-batch over all processes."""
+        return self.batch_size * self.world_size
+
+    @property
     def batches_per_epoch(self) -> int:
         """Batches in a full epoch (the count of a first epoch with no corrupt images)."""
         if self.drop_last:
-            return self.size // self.batch_size
-        return -(-self.size // self.batch_size)
+            return self.size // self.global_batch
+        return -(-self.size // self.global_batch)
 
     @property
     def epoch(self) -> int:
@@ -149,7 +168,7 @@ class Batches:
 
     def _end(self, position: int) -> int | None:
         """Where the batch starting at ``position`` ends, or None when the epoch is over."""
-        end = position + self.batch_size
+        end = position + self.global_batch
         if end <= self.size:
             return end
         return None if self.drop_last or position >= self.size else self.size

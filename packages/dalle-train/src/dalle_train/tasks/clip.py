@@ -49,7 +49,7 @@ class ClipTask(Task):
 
     def loss(self, batch: Any, step: int) -> Tensor:
         text = self.text(batch.captions, batch.sources)
-        return self.model(text, batch.images.to(self.device), text_mask=text != 0, return_loss=True)
+        return self.net(text, batch.images.to(self.device), text_mask=text != 0, return_loss=True)
 
     def write_samples(self, step: int, directory: Path) -> dict[str, Path | float]:
         if len(self.held) < 2:

@@ -4,6 +4,11 @@ A `Task` says what one micro-batch's loss is and what pictures to write; `train`
 gradient accumulation, mixed precision, clipping, the learning-rate schedule, the progress bar,
 metrics, sample pictures, atomic checkpoints, exact resumes, SIGINT/SIGTERM and NaN losses.
 
+It is one loop for every distributed backend (`dalle_core.interfaces.DistributedBackend`): the
+backend wraps the model, runs backward and the optimizer step, and keeps the processes in step
+(averaged losses, one decision to stop); only the root process writes metrics, pictures and
+checkpoints, and each process's random generators are saved with them.
+
 The loop synchronises with the device only at logging and saving steps: losses accumulate in a
 device tensor and are read (and checked for NaN) every ``log_every`` steps and before every
 save, so a checkpoint always holds weights whose loss was finite.
@@ -22,13 +27,15 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dalle_core.backends import SingleProcessBackend
+from dalle_core.interfaces import DistributedBackend
 from dalle_train.errors import TrainError
 from dalle_train.training.checkpoints import remove_partial, save_checkpoint
-from dalle_train.training.layout import CHECKPOINTS
+from dalle_train.training.layout import CHECKPOINTS, step_dir
 from dalle_train.training.metrics import MetricsLog
 from dalle_train.training.optim import Schedule
 from dalle_train.training.precision import Precision
-from dalle_train.training.rng import rng_state, set_rng_state
+from dalle_train.training.rng import rng_state, seed_everything, set_rng_state
 from dalle_train.training.signals import StopRequest
 
 
@@ -41,6 +48,13 @@ class Task(ABC):
     model: nn.Module
     #: tokens one sample contributes (for tokens/s); 0 when not meaningful
     tokens_per_sample: int = 0
+    #: the model as the backend wrapped it for training (set by `train`); None: ``model``
+    wrapped: nn.Module | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        """What `loss` runs: the wrapped model while training, else the model."""
+        return self.wrapped if self.wrapped is not None else self.model
 
     @abstractmethod
     def loss(self, batch: Any, step: int) -> Tensor:
@@ -57,6 +71,10 @@ class Task(ABC):
     def write_samples(self, step: int, directory: Path) -> dict[str, Path | float]:
         """Write pictures for ``step`` under ``directory``; returns metrics and PNG paths."""
         return {}
+
+
+#: the training state's list of every process's random generators (runs of several processes)
+RNG_BY_RANK = "rng_by_rank"
 
 
 @dataclass
@@ -89,10 +107,6 @@ class Outcome:
     last_loss: float | None = None
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def train(
     task: Task,
     batches: Any,
@@ -103,14 +117,18 @@ def train(
     metrics: MetricsLog,
     run_config: dict[str, Any],
     resume: dict[str, Any] | None = None,
+    backend: DistributedBackend | None = None,
 ) -> Outcome:
     """Train ``task.model`` on ``batches`` (an endless, resumable iterator of micro-batches).
 
     ``resume`` is a saved training state (`dalle_train.training.checkpoints.load_state`);
-    ``run_config`` is stored with every checkpoint so a resumed run can check its flags.
+    ``run_config`` is stored with every checkpoint so a resumed run can check its flags;
+    ``backend``: the initialized distributed backend (None: one process).
     """
-    model, checkpoints = task.model, out / CHECKPOINTS
-    remove_partial(checkpoints)
+    backend = backend or SingleProcessBackend()
+    model, checkpoints, root = task.model, out / CHECKPOINTS, backend.is_root
+    if root:
+        remove_partial(checkpoints)
     scaler = settings.precision.scaler()
     total = settings.total_steps(batches.batches_per_epoch)
     step = 0
@@ -119,8 +137,8 @@ def train(
         schedule.load_state_dict(resume["schedule"])
         scaler.load_state_dict(resume["scaler"])
         batches.load_state_dict(resume["data"])
-        set_rng_state(resume["rng"])
         step = int(resume["step"])
+        _resume_rng(resume, backend, step)
     if step >= total:
         raise TrainError(f"the checkpoint is at step {step} and this run stops at step {total}: "
                          f"raise --max-steps or --epochs to train further")
@@ -128,43 +146,54 @@ def train(
     device = next(model.parameters()).device
     running, micro_batches, samples, last_saved = torch.zeros((), device=device), 0, 0, None
     last_loss, started = None, time.perf_counter()
-    params = _trainable(model)
+    task.wrapped, optimizer = backend.wrap(model, optimizer)
     items = iter(batches)
 
     def save(at: int) -> Path:
+        # every process's generators, by rank, and a fingerprint of its weights
+        gathered = backend.gather_object((rng_state(), _fingerprint(model)))
+        rngs = [rng for rng, _ in gathered]
+        differing = [rank for rank, (_, print_) in enumerate(gathered) if print_ != gathered[0][1]]
+        if differing:
+            raise TrainError(f"at step {at} the weights of process(es) {differing} differ from process "
+                             f"0's: the {backend.plugin_name} backend did not keep them in step; nothing "
+                             f"was saved")
         state = {
             "step": at, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "scaler": scaler.state_dict(), "data": batches.state_dict(), "rng": rng_state(),
-            "run": run_config,
+            "scaler": scaler.state_dict(), "data": batches.state_dict(), "rng": rngs[0], "run": run_config,
         }
-        return save_checkpoint(checkpoints, at, model, state, settings.keep)
+        if len(rngs) > 1:
+            state[RNG_BY_RANK] = rngs
+        saved = step_dir(checkpoints, at)
+        if root:
+            saved = save_checkpoint(checkpoints, at, model, state, settings.keep)
+        backend.barrier()  # the others wait until the checkpoint is complete
+        return saved
 
-    bar = tqdm(total=total, initial=step, desc=task.name, unit="step", dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(total=total, initial=step, desc=task.name, unit="step", dynamic_ncols=True, mininterval=0.5,
+               disable=not root)
     with StopRequest() as stop, bar:  # the bar is closed before any error is printed
         while step < total:
-            model.train()
+            task.wrapped.train()
             lr = schedule.apply(step)
-            for _ in range(settings.ga_steps):
+            for index in range(settings.ga_steps):
                 batch = next(items)
-                with settings.precision.autocast():
-                    loss = task.loss(batch, step)
-                scaler.scale(loss / settings.ga_steps).backward()
+                with backend.accumulating(task.wrapped, sync=index == settings.ga_steps - 1):
+                    with settings.precision.autocast():
+                        loss = task.loss(batch, step)
+                    backend.backward(loss / settings.ga_steps, scaler)
                 running += loss.detach().float()
                 micro_batches += 1
                 samples += task.batch_size(batch)
-            if settings.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            backend.step(optimizer, scaler, settings.clip_grad_norm)
             step += 1
             bar.update(1)
 
-            stopping = stop.requested  # read once: a signal from here on is seen after the next step
+            # read once, agreed by every process: a signal from here on is seen after the next step
+            stopping = backend.any(stop.requested)
             saving = step % settings.save_every == 0 or step == total or stopping
             if saving or step % settings.log_every == 0:
-                last_loss = float(running / micro_batches)  # the only host sync
+                last_loss = float(backend.average(running / micro_batches))  # the only host sync
                 if not math.isfinite(last_loss):
                     where = f"the last good checkpoint is {last_saved}" if last_saved else "none was saved"
                     raise TrainError(
@@ -173,9 +202,9 @@ def train(
                     )
                 schedule.observe(last_loss)
                 seconds = max(time.perf_counter() - started, 1e-9)
-                rates = {"samples_per_s": samples / seconds}
+                rates = {"samples_per_s": samples * backend.world_size / seconds}
                 if task.tokens_per_sample:
-                    rates["tokens_per_s"] = samples * task.tokens_per_sample / seconds
+                    rates["tokens_per_s"] = samples * backend.world_size * task.tokens_per_sample / seconds
                 extra = task.status(step)
                 metrics.log(step, {"loss": last_loss, "lr": lr, "epoch": batches.epoch, **extra,
                                    **{k: round(v, 2) for k, v in rates.items()}})
@@ -183,13 +212,31 @@ def train(
                                  "samples/s": f"{rates['samples_per_s']:.1f}"}, refresh=False)
                 running.zero_()
                 micro_batches = 0
-            if (settings.sample_every and step % settings.sample_every == 0) or step == total:
+            if root and ((settings.sample_every and step % settings.sample_every == 0) or step == total):
                 _write_samples(task, step, out, metrics)
             if saving:
                 last_saved = save(step)
             if stopping:
                 return Outcome(step, last_saved, stop.signum, last_loss)
     return Outcome(step, last_saved, None, last_loss)
+
+
+def _fingerprint(model: nn.Module) -> list[float]:
+    """Per parameter, the sum of its values in float64: equal in processes that hold the same
+    weights (compared before every save of a distributed run)."""
+    return [float(p.detach().double().sum()) for p in model.parameters()]
+
+
+def _resume_rng(resume: dict[str, Any], backend: DistributedBackend, step: int) -> None:
+    """Each process's random generators as saved; with another number of processes than the
+    run that saved them, the root's, and for each other rank a reseed from (step, rank)."""
+    by_rank = resume.get(RNG_BY_RANK) or [resume["rng"]]
+    if len(by_rank) == backend.world_size:
+        set_rng_state(by_rank[backend.rank])
+        return
+    set_rng_state(resume["rng"])
+    if backend.rank:
+        seed_everything(step * 1_000_003 + backend.rank)
 
 
 def _write_samples(task: Task, step: int, out: Path, metrics: MetricsLog) -> None:

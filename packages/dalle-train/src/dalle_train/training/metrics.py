@@ -82,3 +82,19 @@ class MetricsLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class SilentMetrics(MetricsLog):
+    """The metrics of a process that is not the root of a distributed run: nothing is written."""
+
+    def __init__(self) -> None:
+        self.tensorboard = self.wandb = None
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        """Nothing: the root process writes the (averaged) metrics."""
+
+    def image(self, step: int, name: str, path: Path) -> None:
+        """Nothing: only the root writes pictures."""
+
+    def close(self) -> None:
+        """Nothing was opened."""

@@ -1,0 +1,1 @@
+"""The distributed backends that need nothing but torch (registered by `dalle_train.plugin`)."""

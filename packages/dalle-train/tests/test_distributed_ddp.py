@@ -1,0 +1,202 @@
+"""``--distributed-backend ddp`` through the real launcher: ``torchrun`` starting 2 CPU processes
+that talk over gloo on this machine.
+
+- 2 processes at batch b reach the weights of 1 process at batch 2b (float tolerance), with the
+  same losses; only the root writes metrics and says how the run ended;
+- a run of 2 processes resumes exactly in 2 processes, and resumes in 1 (and a run of 1 in 2);
+- two launchers as two "nodes" rendezvousing on 127.0.0.1 train as one run;
+- a process killed with SIGKILL ends the whole run within a bounded time, the launcher naming it;
+- without a launcher, or with a backend that is not installed, the error says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import losses, weights
+
+from dalle_train import cli
+
+SHAPES = ["--dataset", "shapes", "--dataset-size", "64", "--threads", "1", "--sample-every", "0"]
+TINY = ["--tokenizer", "bytes", "--text-seq-len", "48", "--dim", "16", "--depth", "2", "--heads", "2",
+        "--dim-head", "8", "--log-every", "1"]
+TORCHRUN = [str(Path(sys.executable).with_name("torchrun"))]
+if not Path(TORCHRUN[0]).exists():  # an environment without the console script
+    TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def dalle(out: Path, vae_dir: Path, *extra: str) -> list[str]:
+    return ["dalle", *SHAPES, *TINY, "--vae-path", str(vae_dir), "--output-dir", str(out), *extra]
+
+
+def torchrun(args: list[str], *launcher: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2`` (or ``launcher``) running dalle-train."""
+    launcher = launcher or ("--standalone", "--nproc_per_node", "2")
+    return subprocess.run([*TORCHRUN, *launcher, "-m", "dalle_train", *args, "--distributed-backend", "ddp"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_process(args: list[str]) -> None:
+    assert cli.main(args) == 0
+
+
+def assert_close_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=key)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_at_b_are_one_process_at_2b_and_resume_across_world_sizes(
+        tmp_path: Path, vae_dir: Path) -> None:
+    two, one = tmp_path / "two", tmp_path / "one"
+    out = ok(torchrun(dalle(two, vae_dir, "--batch-size", "2", "--max-steps", "3")))
+    one_process(dalle(one, vae_dir, "--batch-size", "4", "--max-steps", "3"))
+    assert out.count("done: step 3") == 1  # the root alone says how it ended
+    assert "distributed: ddp, 2 processes x --batch-size 2 x --ga-steps 1 = 4 samples per optimizer" in out
+    assert_close_weights(two / "checkpoints/step-3", one / "checkpoints/step-3", atol=1e-6)
+    two_losses, one_losses = losses(two), losses(one)
+    assert list(two_losses) == [1, 2, 3]  # one record per step: only the root writes
+    assert two_losses == pytest.approx(one_losses, abs=1e-5)
+
+    # the same world size resumes exactly: 2 processes to step 3, then to 5, is a straight 5
+    # (a constant rate: the cosine schedule would depend on --max-steps)
+    straight = tmp_path / "straight"
+    constant = ["--batch-size", "2", "--lr-schedule", "constant"]
+    ok(torchrun(dalle(straight, vae_dir, *constant, "--max-steps", "5")))
+    resumed = tmp_path / "resumed"
+    ok(torchrun(dalle(resumed, vae_dir, *constant, "--max-steps", "3")))
+    ok(torchrun(dalle(resumed, vae_dir, "--resume", "--max-steps", "5")))
+    assert_close_weights(resumed / "checkpoints/step-5", straight / "checkpoints/step-5", atol=0)
+    state = torch.load(resumed / "checkpoints/step-5/training/state.pt", weights_only=True)
+    assert len(state["rng_by_rank"]) == 2 and state["data"]["position"] == 20
+
+    # another world size: the run of 2 continues in 1 process, the run of 1 in 2
+    one_process(dalle(two, vae_dir, "--resume", "--max-steps", "4"))
+    ok(torchrun(dalle(one, vae_dir, "--resume", "--max-steps", "4", "--batch-size", "2")))
+    for run in (two, one):
+        assert (run / "checkpoints/step-4/model.safetensors").is_file()
+        assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-2])["step"] == 4
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_as_one_run(tmp_path: Path, vae_dir: Path) -> None:
+    port = free_port()
+    nodes = tmp_path / "nodes"
+    args = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "loopback", "-m", "dalle_train",
+            *dalle(nodes, vae_dir, "--batch-size", "2", "--max-steps", "3"), "--distributed-backend", "ddp"]
+    launchers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+    outputs = [launcher.communicate(timeout=240)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
+    one = tmp_path / "one"
+    one_process(dalle(one, vae_dir, "--batch-size", "4", "--max-steps", "3"))
+    assert_close_weights(nodes / "checkpoints/step-3", one / "checkpoints/step-3", atol=1e-6)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+    return int(values[b"RANK"]) if b"RANK" in values else None
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_run(tmp_path: Path, vae_dir: Path) -> None:
+    launcher = start_long_run(tmp_path / "killed", vae_dir)
+    try:
+        workers = {rank_of(pid): pid for pid in children(launcher.pid)}
+        os.kill(workers[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        output = launcher.communicate(timeout=90)[0]
+        ended_after = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert ended_after < 60, f"the run went on for {ended_after:.0f} s after a process was killed"
+    assert "Signal 9 (SIGKILL)" in output or "exitcode  : -9" in output, output[-3000:]
+    assert all(rank_of(pid) is None for pid in workers.values())  # no process left behind
+
+
+def start_long_run(out: Path, vae_dir: Path) -> subprocess.Popen:
+    """A 2-process run that would go on for hours, once it has logged its first step."""
+    launcher = subprocess.Popen(
+        [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "dalle_train",
+         *dalle(out, vae_dir, "--batch-size", "2", "--max-steps", "100000"), "--distributed-backend", "ddp"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            launcher.kill()
+            pytest.fail("the run did not start: " + launcher.communicate()[0][-3000:])
+        time.sleep(0.2)
+    return launcher
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_saves_a_checkpoint_and_the_run_resumes(tmp_path: Path,
+                                                                         vae_dir: Path) -> None:
+    out = tmp_path / "stopped"
+    launcher = start_long_run(out, vae_dir)
+    launcher.send_signal(signal.SIGTERM)
+    output = launcher.communicate(timeout=90)[0]
+    latest = (out / "checkpoints/latest").read_text().strip()
+    step = int(latest.removeprefix("step-"))
+    assert f"stopped by signal 15 at step {step}" in output, output[-3000:]
+    ok(torchrun(dalle(out, vae_dir, "--resume", "--max-steps", str(step + 2))))
+    assert (out / f"checkpoints/step-{step + 2}/model.safetensors").is_file()
+
+
+def test_without_a_launcher_or_the_backend_the_error_says_what_to_do(
+        tmp_path: Path, vae_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(dalle(tmp_path / "a", vae_dir, "--distributed-backend", "ddp")) == 2
+    error = capsys.readouterr().err
+    assert "--distributed-backend ddp: the ddp backend runs under a launcher that sets RANK" in error
+    assert "torchrun --nproc_per_node N" in error
+    for flags in (["--distributed-backend", "deepspeed"], ["--deepspeed"]):
+        assert cli.main(dalle(tmp_path / "b", vae_dir, *flags)) == 2
+        assert "pip install dalle-dist-deepspeed" in capsys.readouterr().err
+    assert cli.main(dalle(tmp_path / "c", vae_dir, "--deepspeed", "--distributed-backend", "ddp")) == 2
+    assert "--deepspeed means --distributed-backend deepspeed" in capsys.readouterr().err
