@@ -176,6 +176,28 @@ def test_prompts_move_to_the_models_device():
     for prompt in (None, torch.tensor([[5, 9]]), torch.tensor([5, 9])):
         tokens, _ = dalle.generate_texts(prompt, use_cache=False)
         assert tokens.device.type == "meta" and tokens.shape == (1, TEXT_SEQ_LEN)
+    tokenizer = ByteTokenizer()
+    dalle = tiny_dalle(num_text_tokens=tokenizer.vocab_size).to("meta")
+    for prompt in ("ab", ["ab", "cde"]):  # strings, encoded here (decoding needs values: not on meta)
+        prompts = dalle._text_prompts(prompt, tokenizer)
+        expected = [("meta", 2), ("meta", 3)][: len(prompts)]
+        assert [(ids.device.type, ids.shape[1]) for ids in prompts] == expected
+
+
+def test_the_vae_encodes_outside_autocast_and_without_gradients(monkeypatch):
+    """Under a bf16 autocast of the training step, the VAE still encodes in its own fp32."""
+    dalle = tiny_dalle()
+    seen = []
+    encode = dalle.vae.get_codebook_indices
+
+    def recording(images):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled(), images.dtype))
+        return encode(images)
+
+    monkeypatch.setattr(dalle.vae, "get_codebook_indices", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = dalle.image_codes(torch.rand(2, 3, 16, 16, dtype=torch.float64))
+    assert seen == [(False, False, torch.float32)] and codes.shape == (2, 16)
 
 
 def test_bad_text_prompts_are_refused_naming_the_argument():

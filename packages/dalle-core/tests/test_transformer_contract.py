@@ -160,6 +160,12 @@ def test_gather_index_reads_the_shifted_features_from_a_flat_history() -> None:
     assert torch.equal(gathered, reference_shift(x, TEXT_LEN, FMAP))
 
 
+def test_gather_index_is_built_on_the_tables_device() -> None:
+    """On the meta device (standing in for a GPU), so that a table made on the CPU shows."""
+    index = TokenShift(16, TEXT_LEN, FMAP).to("meta").gather_index(SEQ_LEN)
+    assert index.device.type == "meta" and index.shape == (SEQ_LEN, 16)
+
+
 def test_token_shift_keeps_the_dtype_and_needs_quarters() -> None:
     shift = TokenShift(16, TEXT_LEN, FMAP)
     x = inputs(16).bfloat16()
