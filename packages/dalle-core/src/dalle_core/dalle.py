@@ -243,14 +243,12 @@ class DALLE(PretrainedMixin, nn.Module):
     # ----------------------------------------------------------------- heads
 
     def _hidden(
-        self, tokens: Tensor, offset: int, key_padding_mask: Tensor | None,
-        cache: list[LayerCache] | None = None, last_only: bool = False,
+        self, tokens: Tensor, key_padding_mask: Tensor | None, cache: list[LayerCache] | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Final hidden states ``[B, n, dim]`` of ``tokens [B, n, dim]``; ``[B, 1, dim]``, the
-        last position's, with ``last_only`` (see `Transformer.forward`)."""
-        out = self.transformer(
-            tokens, offset=offset, key_padding_mask=key_padding_mask, cache=cache, last_only=last_only
-        )
+        """Final hidden states ``[B, n, dim]`` of ``tokens [B, n, dim]`` from position 0;
+        ``[B, 1, dim]``, the last position's, with ``last_only`` (see `Transformer.forward`)."""
+        out = self.transformer(tokens, key_padding_mask=key_padding_mask, cache=cache, last_only=last_only)
         return self._output_norm(out)
 
     def _output_norm(self, out: Tensor) -> Tensor:
@@ -307,7 +305,7 @@ class DALLE(PretrainedMixin, nn.Module):
             alpha = STABLE_EMBEDDING_ALPHA
             tokens = tokens * alpha + tokens.detach() * (1 - alpha)
         key_padding_mask = self._key_padding_mask(mask, batch, tokens.shape[1])
-        hidden = self._hidden(tokens, 0, key_padding_mask)  # [B, n, dim]
+        hidden = self._hidden(tokens, key_padding_mask)  # [B, n, dim]
         text_hidden, image_hidden = hidden[:, : self.text_seq_len], hidden[:, self.text_seq_len :]
         if not return_loss:
             return self._masked_logits(text_hidden, image_hidden)
@@ -431,7 +429,7 @@ class DALLE(PretrainedMixin, nn.Module):
                 key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
                 cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
                 tokens = torch.cat((text_tokens, self._embed_image(row_codes(n_prime))), dim=1)
-                hidden = self._hidden(tokens, 0, key_padding_mask, cache, last_only=True)[:, 0]
+                hidden = self._hidden(tokens, key_padding_mask, cache, last_only=True)[:, 0]
                 logits = self._image_logits(hidden)  # [rows, Vi]
                 if use_cache:
                     next_logits = self._step_logits(cache, hidden, key_padding_mask, n_prime, compile)
@@ -452,7 +450,7 @@ class DALLE(PretrainedMixin, nn.Module):
                     else:
                         codes_so_far = self._embed_image(row_codes(position + 1))
                         tokens = torch.cat((text_tokens, codes_so_far), dim=1)
-                        hidden = self._hidden(tokens, 0, key_padding_mask, last_only=True)[:, 0]
+                        hidden = self._hidden(tokens, key_padding_mask, last_only=True)[:, 0]
                         logits = self._image_logits(hidden)
             finally:
                 self.train(was_training)
@@ -520,7 +518,7 @@ class DALLE(PretrainedMixin, nn.Module):
             rows, length = ids.shape
             tokens = self._embed_text(ids)  # [rows, 1 + n, dim]
             cache = self.transformer.new_cache(rows, self.text_len, tokens) if use_cache else None
-            hidden = self._hidden(tokens, 0, None, cache, last_only=True)[:, 0]
+            hidden = self._hidden(tokens, None, cache, last_only=True)[:, 0]
             step = DecodeStep(self.transformer, cache, length + 1, None) if use_cache else None
             sampler = Sampler(
                 self.total_text_tokens, rows, self.text_seq_len - length, filter_thres=filter_thres,
@@ -538,7 +536,7 @@ class DALLE(PretrainedMixin, nn.Module):
                     hidden = self._next_hidden(step, new, position + 1)
                 else:
                     tokens = torch.cat((tokens, new[:, None]), dim=1)
-                    hidden = self._hidden(tokens, 0, None, last_only=True)[:, 0]
+                    hidden = self._hidden(tokens, None, last_only=True)[:, 0]
         finally:
             self.train(was_training)
         is_text = (ids > 0) & (ids < self.num_text_tokens)  # padding ids and <bos> -> 0
