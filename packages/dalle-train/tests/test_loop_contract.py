@@ -401,7 +401,7 @@ class SecondOfTwo(SingleProcessBackend):
         self.barriers += 1
 
     def accumulating(self, model, sync):
-        self.syncs.append(sync)
+        self.syncs.append((model, sync))
         return super().accumulating(model, sync)
 
     def backward(self, loss, scaler):
@@ -417,7 +417,8 @@ class SecondOfTwo(SingleProcessBackend):
         return mine if self._rank == 0 else mine[::-1]
 
 
-def test_a_process_other_than_the_root_writes_nothing_and_waits_at_each_save(tmp_path: Path) -> None:
+def test_a_process_other_than_the_root_writes_nothing_and_waits_at_each_save(tmp_path: Path,
+                                                                          capsys) -> None:
     task, backend = Linear(), SecondOfTwo(rank=1)
     settings = LoopSettings(Precision("fp32", CPU), max_steps=4, ga_steps=3, save_every=2, log_every=1,
                             sample_every=1)
@@ -427,8 +428,28 @@ def test_a_process_other_than_the_root_writes_nothing_and_waits_at_each_save(tmp
     assert not (tmp_path / CHECKPOINTS).exists() and task.sampled == []
     assert outcome.checkpoint == tmp_path / CHECKPOINTS / "step-4" and outcome.step == 4
     assert backend.barriers == 2  # after each save (steps 2 and 4) of the root
-    assert backend.syncs == [False, False, True] * 4 and backend.backwards == 12
     assert task.wrapped is task.model  # what this backend's wrap returned
+    assert backend.syncs == [(task.wrapped, False), (task.wrapped, False), (task.wrapped, True)] * 4
+    assert backend.backwards == 12
+    assert "loopy" not in capsys.readouterr().err  # no progress bar either
+
+
+def test_a_process_resuming_a_run_of_another_size_reseeds_from_the_step(tmp_path: Path) -> None:
+    settings = LoopSettings(Precision("fp32", CPU), max_steps=2, save_every=2)
+    first = Linear()
+    optimizer = torch.optim.SGD(first.model.parameters(), lr=0.01)
+    train(first, Numbers(), optimizer, Schedule(optimizer, "constant", 4), settings, tmp_path, Records(), {})
+    state = load_state(tmp_path / CHECKPOINTS / "step-2")  # one process's
+    task = Linear(noise=True)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    later = LoopSettings(Precision("fp32", CPU), max_steps=3, save_every=100)
+    drawn = []
+    original = task.loss
+    task.loss = lambda batch, step: drawn.append(torch.get_rng_state()) or original(batch, step)
+    train(task, Numbers(), optimizer, Schedule(optimizer, "constant", 4), later, tmp_path / "b", Records(),
+          {}, state, backend=SecondOfTwo(rank=1))
+    rng.seed_everything(2 * 1_000_003 + 1)
+    assert torch.equal(drawn[0], torch.get_rng_state())
 
 
 def test_the_root_saves_every_process_generators_and_checks_their_weights(tmp_path: Path) -> None:

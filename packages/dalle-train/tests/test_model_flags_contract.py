@@ -21,6 +21,7 @@ import torch
 from conftest import SHAPES, TINY_DALLE
 
 from dalle_core import DALLE, DiscreteVAE
+from dalle_core.backends import SingleProcessBackend
 from dalle_train import choices
 from dalle_train.cli import build_parser, given_flags
 from dalle_train.commands import dalle
@@ -103,23 +104,31 @@ def test_a_model_the_flags_cannot_build_is_a_one_line_error(vae_dir: Path, flag:
     assert str(caught.value) == str(direct.value) and "'nonsense'" in str(direct.value)
 
 
-def test_run_trains_on_the_device(tmp_path: Path, vae_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class SecondOfThree(SingleProcessBackend):
+    """Stands in for process 1 of 3."""
+
+    rank, world_size = 1, 3
+
+
+def test_run_trains_on_the_device_and_reads_this_process_batches(tmp_path: Path, vae_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     meta = torch.device("meta")  # stands in for another device than the one the model is built on
     prepare_run = dalle.prepare_run
 
     def on_meta(config: dalle.DalleConfig) -> Any:
         run = prepare_run(config)
-        run.device = meta
+        run.device, run.backend = meta, SecondOfThree()
         return run
 
     seen: list[Any] = []
     monkeypatch.setattr(dalle, "prepare_run", on_meta)
-    monkeypatch.setattr(dalle, "fit", lambda task, batches, run: seen.append((task, run)) or 7)
+    monkeypatch.setattr(dalle, "fit", lambda task, batches, run: seen.append((task, batches, run)) or 7)
     args = namespace(*SHAPES, *TINY_DALLE, "--vae-path", str(vae_dir), "--output-dir", str(tmp_path))
     assert dalle.run(args) == 7
-    task, run = seen[0]
+    task, batches, run = seen[0]
     assert run.device == meta and task.device == meta
     assert {p.device for p in task.model.parameters()} == {meta}
+    assert batches.world_size == 3 and batches.rank_slice == slice(4, 8)  # --batch-size 4, process 1
 
 
 @pytest.mark.parametrize("flag", ["--shared-attn-ids", "--shared-ff-ids"])

@@ -223,6 +223,14 @@ def test_a_section_takes_saved_values_as_its_types_and_ignores_what_it_lacks() -
     assert Part(data=None).to_json() == {"data": None, "cache": "/c", "depth": 2}
 
 
+def test_how_a_process_runs_is_never_taken_from_a_checkpoint() -> None:
+    config = parse("--distributed-backend", "ddp", "--output-dir", "here")
+    saved = {**config.saved(), "distributed": {"backend": "deepspeed"},
+             "launch": {"output_dir": "elsewhere", "resume": True}}
+    resumed = config.resumed(saved)
+    assert resumed.distributed.backend == "ddp" and resumed.launch == config.launch
+
+
 def test_runs_saved_with_flat_flags_resume(tmp_path: Path, vae_dir: Path, metrics: None) -> None:
     """Checkpoints written before the configuration was typed stored the flat flags."""
     out = tmp_path / "run"
