@@ -1,0 +1,132 @@
+"""Data-parallel scaling of `dalle-train dalle` on this machine: samples/s of config A with 2
+processes of 1 torch thread each, against 1 process of 1 thread, for each distributed backend
+installed, measured in one run.
+
+    python benchmarks/bench_scaling.py            # writes benchmarks/scaling.md and scaling.json
+    python benchmarks/bench_scaling.py --steps 20 --repeats 1 --no-write   # a quick look
+
+Config A as in `bench_core.py` (dim 256, depth 4, 8 heads of 32, 64 text tokens, 64 px images
+and 8 x 8 = 64 image codes from a DiscreteVAE encoded inside each step), trained by the real
+command on the built-in shapes with a batch of 8 per process (weak scaling: each process keeps
+its batch, so 2 processes train 16 samples per optimizer step). The one-process baseline and
+each backend run in turns, ``--repeats`` times; each figure is the median. A run's rate is read
+from its own metrics: samples over seconds between its first logged step (after warm-up) and
+its last, so start-up, the first steps and the final save are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BATCH = 8
+CONFIG_A = ["--dim", "256", "--depth", "4", "--heads", "8", "--dim-head", "32", "--text-seq-len", "64",
+            "--tokenizer", "bytes"]
+#: backend -> how its two processes are launched (the script runs ``-m dalle_train`` after it)
+LAUNCHERS = {
+    "ddp": [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"],
+}
+
+
+def make_vae(directory: Path) -> Path:
+    """Config A's VAE (64 px, 3 downsamplings, 512 codes), untrained, saved once."""
+    import torch
+
+    from dalle_core import DiscreteVAE
+
+    torch.manual_seed(0)
+    vae = DiscreteVAE(image_size=64, num_layers=3, num_tokens=512, codebook_dim=256, hidden_dim=64,
+                      num_resnet_blocks=1)
+    vae.save_pretrained(directory)
+    return directory
+
+
+def steady_rate(metrics: Path) -> float:
+    """Samples/s between the first and the last logged step. The loop logs cumulative rates
+    (every process's samples so far over the seconds so far, ``r_k = k G / t_k`` at step k with
+    G samples a step), so the time of step k is ``k G / r_k`` and the rate between steps j and k
+    is ``(k - j) G / (t_k - t_j)``."""
+    records = [r for r in map(json.loads, metrics.read_text().splitlines()) if "samples_per_s" in r]
+    (j, r_j), (k, r_k) = [(r["step"], r["samples_per_s"]) for r in (records[0], records[-1])]
+    return (k - j) / (k / r_k - j / r_j)
+
+
+def train(out: Path, vae: Path, steps: int, backend: str) -> float:
+    """One run; returns its steady samples/s."""
+    args = ["dalle", "--dataset", "shapes", "--dataset-size", "2048", "--vae-path", str(vae), *CONFIG_A,
+            "--batch-size", str(BATCH), "--max-steps", str(steps), "--log-every", str(steps // 4),
+            "--sample-every", "0", "--save-every-n-steps", str(steps), "--threads", "1",
+            "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if backend == "none":
+        command = [sys.executable, "-m", "dalle_train", *args]
+    else:
+        command = [*LAUNCHERS[backend], "-m", "dalle_train", *args, "--distributed-backend", backend]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return steady_rate(out / "metrics.jsonl")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case, in turns (default 3)")
+    parser.add_argument("--backends", default=",".join(LAUNCHERS), help="comma-separated (default: all)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    options = parser.parse_args()
+    backends = [b for b in options.backends.split(",") if b]
+    rates: dict[str, list[float]] = {name: [] for name in ("none", *backends)}
+    started = datetime.datetime.now(datetime.timezone.utc)
+    with tempfile.TemporaryDirectory() as scratch:
+        vae = make_vae(Path(scratch) / "vae")
+        for repeat in range(options.repeats):
+            for name in rates:
+                rate = train(Path(scratch) / f"{name}-{repeat}", vae, options.steps, name)
+                rates[name].append(rate)
+                print(f"{name} run {repeat + 1}: {rate:.1f} samples/s", flush=True)
+    baseline = statistics.median(rates["none"])
+    rows = [{"backend": name, "processes": 1 if name == "none" else 2, "runs": values,
+             "samples_per_s": statistics.median(values), "scaling": statistics.median(values) / baseline}
+            for name, values in rates.items()]
+    machine = f"{platform.processor() or platform.machine()}, nproc {os.cpu_count()}"
+    result = {
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
+        "python": platform.python_version(),
+        "command": " ".join(["python benchmarks/bench_scaling.py", *sys.argv[1:]]),
+        "steps": options.steps, "repeats": options.repeats, "batch_per_process": BATCH, "rows": rows,
+    }
+    lines = [
+        "# Data-parallel scaling (CPU)", "",
+        "Generated by `benchmarks/bench_scaling.py`; do not edit by hand.", "",
+        f"- command: `{result['command']}`",
+        f"- date: {result['date']}; {machine}; Python {result['python']}",
+        f"- config A trained by `dalle-train dalle` on the built-in shapes, batch {BATCH} per process, "
+        f"1 torch thread per process, {options.steps} steps a run, median of {options.repeats} runs in "
+        f"turns", "",
+        "| backend | processes | samples/s (runs) | vs 1 process | target |", "|---|---:|---|---:|---|",
+    ]
+    for row in rows:
+        met = "met" if row["scaling"] >= 1.7 else "**missed**"
+        target = "-" if row["backend"] == "none" else f">= 1.7x: {met}"
+        runs = ", ".join(f"{r:.1f}" for r in row["runs"])
+        lines.append(f"| {row['backend']} | {row['processes']} | {row['samples_per_s']:.1f} ({runs}) | "
+                     f"{row['scaling']:.2f}x | {target} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not options.no_write:
+        (HERE / "scaling.md").write_text(text)
+        (HERE / "scaling.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
