@@ -195,3 +195,10 @@ def test_the_padding_mask_is_built_on_the_masks_device() -> None:
     dalle = tiny_dalle()
     keep = dalle._key_padding_mask(mask, 2, dalle.seq_len)
     assert keep.device.type == "meta" and keep.shape == (2, dalle.seq_len)
+
+
+def test_ids_on_an_accelerator_are_checked_without_waiting() -> None:
+    """Off the CPU (meta stands in), the range check is an asynchronous device assert."""
+    from dalle_core.dalle import check_ids
+
+    check_ids(torch.zeros(2, 3, dtype=torch.long, device="meta"), 5, "text token ids")
