@@ -28,17 +28,19 @@ import torch
 from conftest import SHAPES, TINY_VAE
 
 from dalle_core import DiscreteVAE
+from dalle_core.backends import SingleProcessBackend
 from dalle_train.cli import build_parser, given_flags
 from dalle_train.commands import common
 from dalle_train.commands.clip import ClipConfig
 from dalle_train.commands.common import CONFIG_KEY, device_from_flag, load_model, prepare_run
 from dalle_train.commands.dalle import DalleConfig
 from dalle_train.commands.vae import VaeConfig
-from dalle_train.config import Launch, Section, TrainConfig, option
+from dalle_train.config import Distribution, Launch, Section, TrainConfig, option
 from dalle_train.errors import TrainError
 from dalle_train.training.checkpoints import save_checkpoint
 from dalle_train.training.layout import CHECKPOINTS, LATEST
 from dalle_train.training.loop import LoopSettings, Outcome
+from dalle_train.training.metrics import SilentMetrics
 from dalle_train.training.precision import Precision
 
 
@@ -355,3 +357,66 @@ def test_fit_runs_the_loop_with_the_flags_and_says_how_it_ended(
     with pytest.raises(RuntimeError, match="boom"):
         common.fit(task, batches, run)
     assert run.metrics.closed
+
+
+class Second(SingleProcessBackend):
+    """Stands in for process ``rank`` of ``world_size`` (no process group)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self._rank, self._world = rank, world_size
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+
+def test_a_distributed_run_is_announced_seeded_per_process_and_logged_by_the_root(
+        tmp_path: Path, metrics: None, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    config = parse(*SHAPES, "--output-dir", str(tmp_path), "--seed", "7", "--batch-size", "3",
+                   "--ga-steps", "2")
+    monkeypatch.setattr(common, "start_backend", lambda name: Second(0, 2))
+    capsys.readouterr()
+    run = prepare_run(config)
+    assert capsys.readouterr().out == (
+        "distributed: none, 2 processes x --batch-size 3 x --ga-steps 2 = 12 samples per optimizer step; "
+        "--learning-rate 0.001 is used as given (not scaled with the processes)\n")
+    assert isinstance(run.metrics, Metrics)
+    monkeypatch.setattr(common, "start_backend", lambda name: Second(1, 2))
+    run = prepare_run(config)
+    drawn = torch.rand(3)
+    torch.manual_seed(7 + 1)
+    assert torch.equal(drawn, torch.rand(3))  # seed + rank
+    assert isinstance(run.metrics, SilentMetrics) and capsys.readouterr().out == ""
+    monkeypatch.setattr(common, "start_backend", lambda name: Second(0, 1))
+    prepare_run(config)
+    assert capsys.readouterr().out == ""  # one process: nothing to announce
+
+
+def test_a_process_other_than_the_root_exits_quietly_with_the_run(
+        tmp_path: Path, metrics: None, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(common, "start_backend", lambda name: Second(1, 2))
+    run = prepare_run(parse(*SHAPES, "--output-dir", str(tmp_path)))
+    task, batches = SimpleNamespace(model=torch.nn.Linear(2, 3)), SimpleNamespace(batches_per_epoch=10)
+    endings = iter([Outcome(step=5, checkpoint=None, last_loss=0.5), Outcome(step=2, checkpoint=None,
+                                                                            interrupted_by=15)])
+    monkeypatch.setattr(common, "train", lambda *args: next(endings))
+    capsys.readouterr()
+    assert common.fit(task, batches, run) == 0
+    assert common.fit(task, batches, run) == 128 + 15
+    assert capsys.readouterr().out == ""
+
+
+def test_backend_names_and_spellings_are_read_exactly() -> None:
+    with pytest.raises(TrainError) as caught:
+        common.start_backend("nope")
+    assert str(caught.value).startswith("--distributed-backend nope: unknown distributed backend 'nope'")
+    both = argparse.Namespace(distributed_backend="deepspeed", deepspeed=True)
+    assert Distribution.from_args(both).backend == "deepspeed"
+    bare = argparse.Namespace(output_dir=Path("o"), resume=False, start_fresh=False, device="cpu",
+                              threads=None)
+    assert Launch.from_args(bare).given == frozenset()
+    assert parse("--compile").optim.compile is True and parse().optim.compile is False
