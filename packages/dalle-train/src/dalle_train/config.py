@@ -192,41 +192,40 @@ class Logging(Section):
                    wandb_entity=args.wandb_entity)
 
 
-@dataclass(frozen=True)
-class ImageData(Section):
+@dataclass(frozen=True, kw_only=True)
+class Data(Section):
+    """What both kinds of data share: a built-in dataset instead of a folder, RGBA, workers."""
+
+    dataset: str | None = option(fixed=True)
+    dataset_size: int = option(fixed=True)
+    transparent: bool = option(fixed=True)
+    num_workers: int = 0
+
+    #: the flag that names the folder (in messages); its destination is the folder's field
+    folder_flag: ClassVar[str]
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder the data comes from (None: the built-in ``dataset``)."""
+        return getattr(self, self.folder_flag[2:].replace("-", "_"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageData(Data):
     """Images without captions (``dalle-train vae``): a folder or a built-in dataset."""
 
+    folder_flag: ClassVar[str] = "--image-folder"
     image_folder: Path | None = option(fixed=True)
-    dataset: str | None = option(fixed=True)
-    dataset_size: int = option(fixed=True)
-    transparent: bool = option(fixed=True)
-    num_workers: int = 0
-
-    #: the flag that names the folder (in messages)
-    folder_flag = "--image-folder"
-
-    @property
-    def folder(self) -> Path | None:
-        return self.image_folder
 
 
-@dataclass(frozen=True)
-class CaptionedData(Section):
+@dataclass(frozen=True, kw_only=True)
+class CaptionedData(Data):
     """Image-text pairs (``dalle``, ``clip``): a folder or a built-in dataset."""
 
+    folder_flag: ClassVar[str] = "--image-text-folder"
     image_text_folder: Path | None = option(fixed=True)
-    dataset: str | None = option(fixed=True)
-    dataset_size: int = option(fixed=True)
-    transparent: bool = option(fixed=True)
-    num_workers: int = 0
     random_resize_crop_lower_ratio: float = 0.75
     truncate_captions: bool = False
-
-    folder_flag = "--image-text-folder"
-
-    @property
-    def folder(self) -> Path | None:
-        return self.image_text_folder
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle_core.interfaces import DistributedBackend
-from dalle_train.config import CaptionedData, ImageData, Optimization
+from dalle_train.config import CaptionedData, Data, ImageData, Optimization
 from dalle_train.data.folder import ImageFolder, ImageTextFolder
 from dalle_train.data.loader import Batches
 from dalle_train.data.report import SkipReport
@@ -14,7 +14,7 @@ from dalle_train.data.shapes import ShapesDataset
 from dalle_train.errors import TrainError
 
 
-def _source(data: ImageData | CaptionedData) -> str:
+def _source(data: Data) -> str:
     if data.folder is not None and data.dataset:
         raise TrainError(f"{data.folder_flag} and --dataset {data.dataset} both name a dataset: give one")
     if data.folder is None and not data.dataset:
@@ -22,7 +22,7 @@ def _source(data: ImageData | CaptionedData) -> str:
     return "shapes" if data.dataset else "folder"
 
 
-def _shapes(data: ImageData | CaptionedData, seed: int, image_size: int, channels: int) -> ShapesDataset:
+def _shapes(data: Data, seed: int, image_size: int, channels: int) -> ShapesDataset:
     if channels != 3:
         raise TrainError(f"--dataset shapes has RGB pictures; the model wants {channels} channels")
     try:
@@ -83,7 +83,7 @@ def split_held_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
     return train, [sample for sample in held if sample is not None]
 
 
-def make_batches(dataset: Any, optim: Optimization, data: ImageData | CaptionedData,
+def make_batches(dataset: Any, optim: Optimization, data: Data,
                  backend: DistributedBackend | None = None) -> Batches:
     """Shuffled (with the run's seed), resumable micro-batches of ``--batch-size`` per process,
     read by ``--num-workers`` processes; each process of a distributed ``backend`` reads its
