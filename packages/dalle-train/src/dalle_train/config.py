@@ -65,23 +65,24 @@ class Section:
         return {item.name: _shown(getattr(self, item.name)) for item in fields(self)}  # type: ignore[arg-type]
 
     @classmethod
-    def decode(cls, name: str, value: Any) -> Any:
-        """A saved JSON value of field ``name`` as the field holds it (a path as a `Path`)."""
-        hint = typing.get_type_hints(cls)[name]
-        if value is not None and (hint is Path or Path in typing.get_args(hint)):
-            return Path(value)
-        return value
+    def path_fields(cls) -> frozenset[str]:
+        """The fields that hold a `Path` (saved as strings)."""
+        hints = typing.get_type_hints(cls)
+        return frozenset(name for name, hint in hints.items()
+                         if hint is Path or Path in typing.get_args(hint))
 
     def resumed(self: S, saved: dict[str, Any], given: frozenset[str], differences: list[str]) -> S:
         """This section with every field not given on the command line taken from ``saved``;
         a given ``fixed`` field that differs from it is appended to ``differences``. Fields
         the checkpoint lacks (new in this version) keep their parsed value; saved fields this
         version lacks are ignored."""
-        changes = {}
+        changes, paths = {}, self.path_fields()
         for item in fields(self):  # type: ignore[arg-type]
             if item.name not in saved:
                 continue
-            value = self.decode(item.name, saved[item.name])
+            value = saved[item.name]
+            if item.name in paths and value is not None:
+                value = Path(value)
             if not given & set(_flags(item)):
                 changes[item.name] = value
             elif item.metadata.get("fixed") and getattr(self, item.name) != value:
@@ -118,7 +119,7 @@ class Distribution(Section):
     backend or number of processes)."""
 
     saved: ClassVar[bool] = False
-    #: a registered distributed backend: none (one process), ddp, fsdp, deepspeed, horovod
+    #: a registered distributed backend: none (one process), ddp (dalle-train), or one a plugin adds
     backend: str = option("none", flags=("distributed_backend", "deepspeed"))
 
     @classmethod

@@ -1,6 +1,8 @@
 """``ddp``: torch DistributedDataParallel, one process per device, launched by ``torchrun``.
 
-Processes talk over gloo on CPU and NCCL on CUDA (``cpu:gloo,cuda:nccl`` when a GPU is there).
+Processes talk over gloo on CPU and NCCL on CUDA (``cpu:gloo,cuda:nccl`` when a GPU is there);
+the per-step agreement to stop goes over gloo, so the loop waits for the GPU only when it logs
+or saves.
 DDP broadcasts rank 0's weights when it wraps the model and averages gradients in the backward
 of an accumulation's last micro-batch (the others run under ``no_sync``). Collectives time out
 after ``timeout_s`` seconds, so a process that died without its launcher noticing still ends
@@ -86,6 +88,12 @@ class DDPBackend(DistributedBackend):
         total = tensor.detach().to(self._device, copy=True)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return (total / self.world_size).to(tensor.device)
+
+    def any(self, flag: bool) -> bool:
+        """Reduced on the CPU (gloo): agreeing to stop, every step, never waits for a GPU."""
+        count = torch.tensor(float(flag), device="cpu")
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        return bool(count.item() > 0)
 
     def gather_object(self, obj: Any) -> list[Any]:
         gathered: list[Any] = [None] * self.world_size

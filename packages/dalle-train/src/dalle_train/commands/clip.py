@@ -7,7 +7,7 @@ same tokenizer (``dalle-train generate --clip-path``).
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dalle_core import CLIP
@@ -31,18 +31,18 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclass(frozen=True)
 class ClipModel(Section):
-    """CLIP's keywords (fixed when resuming)."""
+    """CLIP's keywords (fixed when resuming), each a flag with this default."""
 
-    dim_text: int = option(fixed=True)
-    dim_image: int = option(fixed=True)
-    dim_latent: int = option(fixed=True)
-    text_enc_depth: int = option(fixed=True)
-    text_heads: int = option(fixed=True)
-    text_seq_len: int = option(fixed=True)
-    visual_enc_depth: int = option(fixed=True)
-    visual_heads: int = option(fixed=True)
-    visual_image_size: int = option(fixed=True)
-    visual_patch_size: int = option(fixed=True)
+    dim_text: int = option(512, fixed=True)
+    dim_image: int = option(512, fixed=True)
+    dim_latent: int = option(512, fixed=True)
+    text_enc_depth: int = option(6, fixed=True)
+    text_heads: int = option(8, fixed=True)
+    text_seq_len: int = option(256, fixed=True)
+    visual_enc_depth: int = option(6, fixed=True)
+    visual_heads: int = option(8, fixed=True)
+    visual_image_size: int = option(256, fixed=True)
+    visual_patch_size: int = option(32, fixed=True)
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,9 @@ def register(subparsers: Any) -> None:
     add_data_flags(parser, folder_flag="--image-text-folder", captions=True)
     add_tokenizer_flags(parser)
     model = parser.add_argument_group("model")
-    for name, default in (("dim-text", 512), ("dim-image", 512), ("dim-latent", 512), ("text-enc-depth", 6),
-                          ("text-heads", 8), ("text-seq-len", 256), ("visual-enc-depth", 6),
-                          ("visual-heads", 8), ("visual-image-size", 256), ("visual-patch-size", 32)):
-        add_flag(model, f"--{name}", type=int, default=default, help=f"(default {default})")
+    for item in fields(ClipModel):
+        add_flag(model, "--" + item.name.replace("_", "-"), type=int, default=item.default,
+                 help=f"(default {item.default})")
     add_flag(parser, "--eval-size", type=int, default=32,
              help="pairs held out of training to measure retrieval accuracy (default 32)")
     add_run_flags(parser, default_out="clip-run")

@@ -50,8 +50,8 @@ def add_run_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
     add_flag(group, "--amp", action="store_true", help="upstream spelling of --precision fp16")
     add_flag(group, "--compile", action="store_true", help="torch.compile the model")
     add_flag(group, "--distributed-backend", "--distr_backend", default="none",
-             metavar="NAME", help="train in several processes: ddp (under torchrun), deepspeed, horovod, "
-             "... (see dalle-train plugins; default none: one process)")
+             metavar="NAME", help="train in several processes: ddp (under torchrun), or a backend a "
+             "plugin adds (see dalle-train plugins; default none: one process)")
     add_flag(group, "--deepspeed", action="store_true",
              help="upstream spelling of --distributed-backend deepspeed")
     add_flag(group, "--tensorboard", action="store_true", help="also log to OUT/tensorboard")
@@ -242,11 +242,12 @@ def fit(task: Task, batches: Any, run: Run) -> int:
         run.metrics.close()
         run.backend.shutdown()
     where = f"checkpoint {outcome.checkpoint}" if outcome.checkpoint else "no checkpoint"
-    if not root:  # the root says how the run ended
-        return 0 if outcome.interrupted_by is None else 128 + outcome.interrupted_by
-    if outcome.interrupted_by is not None:
-        print(f"stopped by signal {outcome.interrupted_by} at step {outcome.step}; {where}; "
-              f"continue with: --resume --output-dir {run.out}")
-        return 128 + outcome.interrupted_by
-    print(f"done: step {outcome.step}, loss {outcome.last_loss:.4f}; {where}")
-    return 0
+    if outcome.interrupted_by is None:
+        code, line = 0, f"done: step {outcome.step}, loss {outcome.last_loss:.4f}; {where}"
+    else:
+        code = 128 + outcome.interrupted_by
+        line = (f"stopped by signal {outcome.interrupted_by} at step {outcome.step}; {where}; "
+                f"continue with: --resume --output-dir {run.out}")
+    if root:  # the root says how the run ended
+        print(line)
+    return code

@@ -150,8 +150,9 @@ def train(
     items = iter(batches)
 
     def save(at: int) -> Path:
-        # every process's generators, by rank, and a fingerprint of its weights
-        gathered = backend.gather_object((rng_state(), _fingerprint(model)))
+        # every process's generators, by rank, and (several processes) a fingerprint of its weights
+        fingerprint = _fingerprint(model) if backend.world_size > 1 else None
+        gathered = backend.gather_object((rng_state(), fingerprint))
         rngs = [rng for rng, _ in gathered]
         differing = [rank for rank, (_, print_) in enumerate(gathered) if print_ != gathered[0][1]]
         if differing:
@@ -224,7 +225,7 @@ def train(
 def _fingerprint(model: nn.Module) -> list[float]:
     """Per parameter, the sum of its values in float64: equal in processes that hold the same
     weights (compared before every save of a distributed run)."""
-    return [float(p.detach().double().sum()) for p in model.parameters()]
+    return [float(p.detach().sum(dtype=torch.float64)) for p in model.parameters()]
 
 
 def _resume_rng(resume: dict[str, Any], backend: DistributedBackend, step: int) -> None:
