@@ -31,21 +31,28 @@ def pyproject(package: str) -> dict:
     return tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())
 
 
-def sibling_dependencies(package: str) -> list[str]:
-    """Paths of the in-repo packages that <package> depends on, transitively (they are not on
-    PyPI, so pip is given their folders)."""
+def sibling_dependencies(package: str, extras: tuple[str, ...] = ()) -> list[str]:
+    """Names of the in-repo packages that <package> depends on (and those its ``extras`` name,
+    e.g. a backend plugin's tests need dalle-train), transitively, dependencies first (they are
+    not on PyPI, so pip is given their folders)."""
+    project = pyproject(package)["project"]
+    requirements = list(project.get("dependencies", []))
+    for extra in extras:
+        requirements += project.get("optional-dependencies", {}).get(extra, [])
     found: list[str] = []
-    for requirement in pyproject(package)["project"].get("dependencies", []):
+    for requirement in requirements:
         name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("_", "-")
-        if name in PACKAGES and name not in found:
+        if name in PACKAGES and name != package and name not in found:
             found += [dep for dep in sibling_dependencies(name) if dep not in found] + [name]
     return found
 
 
 def extra_install_steps(package: str, when: str) -> list[list[str]]:
-    """pip argument lists from [tool.dalle.install] `before`/`after` in a package's pyproject:
-    for dependencies that cannot be declared (a build needing --no-build-isolation, a wheel whose
-    metadata pulls a package with no CPU build, installed with --no-deps)."""
+    """Argument lists from [tool.dalle.install] in a package's pyproject, for dependencies that
+    cannot be declared: `before`/`after` are pip arguments (a build needing
+    --no-build-isolation, a wheel whose metadata pulls a package with no CPU build, installed
+    with --no-deps); `run` are commands run in the environment once the package is installed
+    (a script of the package that builds, caches and installs its engine)."""
     return pyproject(package).get("tool", {}).get("dalle", {}).get("install", {}).get(when, [])
 
 
@@ -59,10 +66,12 @@ def install_package(session: nox.Session, package: str, *extra: str) -> None:
     session.install(TORCH)
     for step in extra_install_steps(package, "before"):
         session.install("-c", CONSTRAINTS, *step)
-    siblings = [str(ROOT / "packages" / name) for name in sibling_dependencies(package)]
+    siblings = [str(ROOT / "packages" / name) for name in sibling_dependencies(package, ("test",))]
     install(session, *siblings, f"{ROOT / 'packages' / package}[test]", *extra)
     for step in extra_install_steps(package, "after"):
         session.install("-c", CONSTRAINTS, *step)
+    for command in extra_install_steps(package, "run"):
+        session.run(*command)
 
 
 @nox.session

@@ -161,7 +161,7 @@ def built(monkeypatch, tmp_path) -> Callable[..., Facts]:
     captured: list[Facts] = []
 
     def train(task, batches, optimizer, schedule, settings, out, metrics, run_config, resume=None,
-              backend=None):
+              backend=None, resume_dir=None):
         captured.append(facts(task, batches, optimizer, schedule, settings))
         return Outcome(step=0, checkpoint=None, last_loss=0.0)
 
@@ -233,7 +233,8 @@ TRAINING = [
     (["--lr-decay-rate", "0.77"], {"schedule.decay_rate": 0.77}),
     (["--epochs", "19"], {"loop.epochs": 19, "schedule.total": 19 * 16}),
     (["--max-steps", "21"], {"loop.max_steps": 21, "schedule.total": 21}),
-    (["--batch-size", "10"], {"batches.batch_size": 10, "schedule.total": EPOCHS * (64 // 10)}),
+    (["--batch-size", "10"],
+     {"batches.batch_size": 10, "loop.batch_size": 10, "schedule.total": EPOCHS * (64 // 10)}),
     (["--seed", "23"], {"batches.seed": 23, "dataset.seed": 23, "task.seed": 23}),
     (["--num-workers", "14"], {"batches.num_workers": 14}),  # started only when batches are drawn
     (["--threads", "12"], {"torch threads": 12}),

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -427,7 +428,7 @@ def test_a_process_other_than_the_root_writes_nothing_and_waits_at_each_save(tmp
                     Records(), {}, backend=backend)
     assert not (tmp_path / CHECKPOINTS).exists() and task.sampled == []
     assert outcome.checkpoint == tmp_path / CHECKPOINTS / "step-4" and outcome.step == 4
-    assert backend.barriers == 2  # after each save (steps 2 and 4) of the root
+    assert backend.barriers == 4  # at each save (steps 2 and 4): staging directory made, checkpoint complete
     assert task.wrapped is task.model  # what this backend's wrap returned
     assert backend.syncs == [(task.wrapped, False), (task.wrapped, False), (task.wrapped, True)] * 4
     assert backend.backwards == 12
@@ -523,3 +524,106 @@ def test_resumed_generators_per_process(world: int, rank: int) -> None:
         if rank:
             rng.seed_everything(4 * 1_000_003 + rank)
     assert torch.equal(drawn, torch.rand(2))
+
+
+# ----------------------------------------------------------------------- engines with their own state
+
+
+class ShardingEngine(SingleProcessBackend):
+    """Stands in for an engine that shards the weights (FSDP, ZeRO-3) and keeps the optimizer's
+    state in its own files (DeepSpeed): records the order of its collective calls, writes a
+    marker as its state and reads it back when ``readable``."""
+
+    plugin_name, replicated = "sharding", False
+
+    def __init__(self, readable: bool = True) -> None:
+        self.readable, self.calls, self.inside = readable, [], False
+
+    def wrap(self, model, optimizer, plan):
+        self.calls.append(("wrap", plan))
+        return model, optimizer
+
+    @contextlib.contextmanager
+    def gathered(self, model):
+        self.calls.append("gathered")
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+    def optimizer_state_dict(self, optimizer):
+        self.calls.append("optimizer_state_dict")
+        return None
+
+    def load_optimizer_state_dict(self, optimizer, state):
+        self.calls.append(("load_optimizer_state_dict", state))
+
+    def save_engine_state(self, directory: Path) -> bool:
+        self.calls.append(("save_engine_state", directory.parent.name))
+        directory.mkdir()
+        (directory / "marker").write_text(str(torch.get_rng_state().sum().item()))
+        return True
+
+    def load_engine_state(self, directory: Path) -> bool:
+        self.calls.append(("load_engine_state", directory.parent.name))
+        return self.readable and (directory / "marker").is_file()
+
+
+def engine_run(tmp_path: Path, backend: ShardingEngine, task: Task, max_steps: int, resume: Any = None,
+               resume_dir: Path | None = None) -> Outcome:
+    settings = LoopSettings(Precision("fp32", CPU), batch_size=BATCH, max_steps=max_steps, ga_steps=2,
+                            clip_grad_norm=0.25, save_every=2, log_every=1, sample_every=1)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    return train(task, Numbers(), optimizer, Schedule(optimizer, "constant", max_steps), settings, tmp_path,
+                 Records(), {}, resume, backend, resume_dir)
+
+
+def test_an_engine_is_told_the_plan_and_its_state_is_saved_beside_the_whole_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, task = ShardingEngine(), Linear()
+    saved_inside: list[bool] = []
+    real_save = Weight.save_pretrained
+
+    def save_pretrained(self: Weight, directory: Path) -> None:
+        saved_inside.append(backend.inside)
+        real_save(self, directory)
+
+    monkeypatch.setattr(Weight, "save_pretrained", save_pretrained)
+    outcome = engine_run(tmp_path, backend, task, max_steps=4)
+    assert backend.calls[0] == ("wrap", loop.StepPlan(micro_batch_size=BATCH, ga_steps=2, clip_grad_norm=0.25,
+                                                      precision="fp32"))
+    # per save: the optimizer's state, the engine's files in the staging directory, then the weights
+    # written while the engine holds them whole
+    per_save = ["optimizer_state_dict", ("save_engine_state", ".tmp-step-{}"), "gathered"]
+    assert backend.calls[1:] == [c if isinstance(c, str) else (c[0], c[1].format(at))
+                                 for at in (2, 4) for c in per_save]
+    assert saved_inside == [True, True]
+    step_4 = tmp_path / CHECKPOINTS / "step-4"
+    assert outcome.checkpoint == step_4 and (step_4 / "engine" / "marker").is_file()
+    assert load_state(step_4)["optimizer"] is None
+    assert not list((tmp_path / CHECKPOINTS).glob(".tmp-*"))
+    # a sharded model's forward is collective: samples come from the checkpoints, reloaded
+    assert [step for step, _ in task.sampled] == [2, 4]
+
+
+def test_a_resume_restores_the_engine_state_else_the_ordinary_state_else_says_what_restarts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    engine_run(tmp_path, ShardingEngine(), Linear(), max_steps=2)
+    step_2 = tmp_path / CHECKPOINTS / "step-2"
+    state = load_state(step_2)
+    readable = ShardingEngine()
+    engine_run(tmp_path / "a", readable, Linear(), 4, state, step_2)
+    assert ("load_engine_state", "step-2") in readable.calls
+    assert not any(c[0] == "load_optimizer_state_dict" for c in readable.calls if isinstance(c, tuple))
+    capsys.readouterr()
+    unreadable = ShardingEngine(readable=False)
+    engine_run(tmp_path / "b", unreadable, Linear(), 4, state, step_2)
+    out = capsys.readouterr().out
+    assert f"{step_2}: the optimizer's state was saved only in its engine's own files" in out
+    assert "the sharding backend with 1 process(es) cannot read" in out
+    assert "the optimizer's moments start again" in out
+    ordinary = ShardingEngine(readable=False)
+    engine_run(tmp_path / "c", ordinary, Linear(), 4, {**state, "optimizer": {"from": "ddp"}}, step_2)
+    assert ("load_optimizer_state_dict", {"from": "ddp"}) in ordinary.calls
+    assert "moments start again" not in capsys.readouterr().out

@@ -101,8 +101,8 @@ def test_every_flag_reaches_the_prepared_run(tmp_path: Path, metrics: None) -> N
     run = prepare_run(config)
     assert run.out == out and run.device == torch.device("cpu") and torch.get_num_threads() == threads
     bf16 = Precision("bf16", torch.device("cpu"))
-    assert run.settings == LoopSettings(precision=bf16, epochs=3, max_steps=7, ga_steps=2, clip_grad_norm=0.5,
-                                        save_every=4, keep=2, log_every=6, sample_every=9)
+    assert run.settings == LoopSettings(precision=bf16, batch_size=4, epochs=3, max_steps=7, ga_steps=2,
+                                        clip_grad_norm=0.5, save_every=4, keep=2, log_every=6, sample_every=9)
     saved = config.saved()
     assert run.config == config and run.saved() == {CONFIG_KEY: saved}
     assert run.resume_from is None and run.resume_state is None
@@ -321,9 +321,9 @@ def test_fit_runs_the_loop_with_the_flags_and_says_how_it_ended(
                     Outcome(step=0, checkpoint=None, interrupted_by=2, last_loss=None)])
 
     def train(task: Any, batches: Any, optimizer: Any, schedule: Any, settings: Any, out: Path, metrics: Any,
-              config: Any, resume_state: Any, backend: Any) -> Outcome:
+              config: Any, resume_state: Any, backend: Any, resume_dir: Path | None) -> Outcome:
         calls.append((task, batches, optimizer, schedule, settings, out, metrics, config, resume_state,
-                      backend))
+                      backend, resume_dir))
         return next(endings)
 
     monkeypatch.setattr(common, "train", train)
@@ -334,7 +334,7 @@ def test_fit_runs_the_loop_with_the_flags_and_says_how_it_ended(
     got_task, got_batches, optimizer, schedule, *rest = calls[0]
     assert got_task is task and got_batches is batches
     assert rest == [run.settings, run.out, run.metrics, {CONFIG_KEY: config.saved()}, run.resume_state,
-                    run.backend]
+                    run.backend, run.resume_from]
     assert run.backend.plugin_name == "none"
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups] == [
@@ -414,8 +414,39 @@ def test_backend_names_and_spellings_are_read_exactly() -> None:
     with pytest.raises(TrainError) as caught:
         common.start_backend("nope")
     assert str(caught.value).startswith("--distributed-backend nope: unknown distributed backend 'nope'")
-    both = argparse.Namespace(distributed_backend="deepspeed", deepspeed=True)
+    engine = {"zero_stage": None, "offload": False, "deepspeed_config": None}
+    both = argparse.Namespace(distributed_backend="deepspeed", deepspeed=True, **engine)
     assert Distribution.from_args(both).backend == "deepspeed"
+    assert Distribution.from_args(both).backend_options() == {}
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--zero-stage", "3"], "--zero-stage"), (["--offload"], "--offload"),
+    (["--deepspeed-config", "ds.json", "--zero-stage", "2"], "--zero-stage, --deepspeed-config"),
+])
+def test_deepspeed_flags_reach_its_factory_and_no_other_backend(flags: list[str], named: str) -> None:
+    with pytest.raises(TrainError, match=f"^{named}: only the deepspeed backend reads it; add "
+                                         f"--distributed-backend deepspeed .* --distributed-backend ddp$"):
+        parse(*flags, "--distributed-backend", "ddp")
+    options = parse(*flags, "--deepspeed").distributed.backend_options()
+    expected = {"--zero-stage": ("zero_stage", int(flags[-1]) if "--zero-stage" in flags else None),
+                "--offload": ("offload", True), "--deepspeed-config": ("config_file", "ds.json")}
+    assert options == {key: value for flag, (key, value) in expected.items() if flag in flags}
+
+
+def test_the_backend_is_built_with_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[tuple[str, dict[str, Any]]] = []
+
+    def create(name: str, **options: Any) -> SingleProcessBackend:
+        built.append((name, options))
+        return SingleProcessBackend()
+
+    monkeypatch.setattr(common, "create_backend", create)
+    assert common.start_backend("deepspeed", zero_stage=3).plugin_name == "none"
+    assert built == [("deepspeed", {"zero_stage": 3})]
+
+
+def test_flags_are_read_as_typed() -> None:
     bare = argparse.Namespace(output_dir=Path("o"), resume=False, start_fresh=False, device="cpu",
                               threads=None)
     assert Launch.from_args(bare).given == frozenset()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dalle_core.interfaces import DistributedBackend
+from dalle_core.interfaces import DistributedBackend, StepPlan
 
 
 class SingleProcessBackend(DistributedBackend):
@@ -32,7 +32,7 @@ class SingleProcessBackend(DistributedBackend):
         """Nothing to wait for."""
 
     def wrap(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, plan: StepPlan
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
         return model, optimizer
 

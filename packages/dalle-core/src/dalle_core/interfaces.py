@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -112,6 +112,22 @@ class Tokenizer(ABC):
         return cls(**config)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """How the trainer steps the optimizer, handed to `DistributedBackend.wrap`: what an engine
+    that owns the step (DeepSpeed) must be configured with, and when gradients must be reduced
+    (Horovod's accumulation)."""
+
+    #: samples one process runs per forward (the trainer's per-process micro-batch)
+    micro_batch_size: int
+    #: micro-batches per optimizer step (``--ga-steps``)
+    ga_steps: int = 1
+    #: the gradients' norm is clipped to this before each step; None: no clipping
+    clip_grad_norm: float | None = None
+    #: ``fp32``, ``bf16`` or ``fp16`` (``--precision``)
+    precision: str = "fp32"
+
+
 class DistributedBackend(ABC):
     """Data-parallel training across processes. ``none`` is the one-process implementation.
 
@@ -122,6 +138,12 @@ class DistributedBackend(ABC):
     process see the same loss and the same decision to stop; `gather_object` collects what each
     process must save (its random generators). An engine that owns backward, loss scaling and
     the optimizer step (DeepSpeed) overrides `backward` and `step`.
+
+    Saving, collectively: `gathered` makes the root's model hold every full weight while the root
+    writes the ordinary checkpoint (an engine that shards weights gathers them);
+    `optimizer_state_dict` gives the optimizer's state in torch's ordinary form (or None when only
+    the engine's own files hold it); `save_engine_state` writes the engine's own files beside the
+    checkpoint for an exact resume, which `load_engine_state` reads back.
     """
 
     #: the name it is registered under with ``dalle_register_backends``
@@ -157,9 +179,14 @@ class DistributedBackend(ABC):
 
     @abstractmethod
     def wrap(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, plan: StepPlan
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
-        """Return the model and optimizer to train with (data-parallel wrappers)."""
+        """Return the model and optimizer to train with (data-parallel wrappers); ``plan`` says
+        how the trainer accumulates, clips and steps."""
+
+    #: whether every process holds all the weights (compared across processes before saving);
+    #: False for engines that shard them (FSDP, ZeRO-3)
+    replicated: bool = True
 
     @abstractmethod
     def average(self, tensor: Tensor) -> Tensor:
@@ -208,22 +235,33 @@ class DistributedBackend(ABC):
     def shutdown(self) -> None:  # noqa: B027 (optional to override: most backends have nothing to leave)
         """Leave the process group at the end of a run. Default: nothing to leave."""
 
-    def save_checkpoint(self, state: dict[str, Any], path: str | Path) -> None:
-        """Save training state (root only, atomically); every process waits for it."""
-        from dalle_core.pretrained import atomic_torch_save
+    def gathered(self, model: torch.nn.Module) -> AbstractContextManager[Any]:
+        """Collective context in which the root's unwrapped ``model`` holds every weight, whole
+        and as ordinary tensors, so that it can be saved as in one process. Default: the weights
+        are whole already."""
+        return contextlib.nullcontext()
 
-        if self.is_root:
-            atomic_torch_save(state, Path(path))
-        self.barrier()
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Collective: the optimizer's state in ``torch.optim`` form (parameters numbered in
+        their groups' order), complete on the root; None when only the engine's own files
+        (`save_engine_state`) hold it. Default: ``optimizer.state_dict()``."""
+        return optimizer.state_dict()
 
-    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Load training state saved by `save_checkpoint` (tensors only, no pickled code)."""
-        try:
-            return torch.load(Path(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            from dalle_core.pretrained import load_failure
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load what `optimizer_state_dict` gave (possibly by another backend or number of
+        processes) into the wrapped ``optimizer``. Default: ``optimizer.load_state_dict``."""
+        optimizer.load_state_dict(state)
 
-            raise pickle.UnpicklingError(
-                f"{path} is not loaded: training state is read as tensors and plain data only "
-                f"({load_failure(error)}); nothing in it was run"
-            ) from error
+    def save_engine_state(self, directory: Path) -> bool:
+        """Collective: write the engine's own training state (e.g. DeepSpeed's sharded
+        checkpoint) under ``directory`` (a new folder of the checkpoint being written), for an
+        exact resume with the same engine and number of processes; returns whether it wrote
+        anything. Default: nothing beyond the ordinary checkpoint."""
+        return False
+
+    def load_engine_state(self, directory: Path) -> bool:
+        """Collective: restore what `save_engine_state` wrote under ``directory`` when this
+        backend and number of processes can (model, optimizer and engine state); returns
+        whether it did (False: the trainer restores the ordinary checkpoint's state instead).
+        Default: False."""
+        return False

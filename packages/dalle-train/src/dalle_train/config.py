@@ -121,6 +121,12 @@ class Distribution(Section):
     saved: ClassVar[bool] = False
     #: a registered distributed backend: none (one process), ddp (dalle-train), or one a plugin adds
     backend: str = option("none", flags=("distributed_backend", "deepspeed"))
+    #: DeepSpeed's ZeRO stage (1, 2 or 3); None: the backend's default
+    zero_stage: int | None = None
+    #: DeepSpeed: keep the optimizer's state on the CPU (ZeRO-Offload)
+    offload: bool = False
+    #: DeepSpeed: a JSON configuration merged with what the flags say
+    deepspeed_config: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Distribution:
@@ -130,7 +136,26 @@ class Distribution(Section):
                 raise TrainError(f"--deepspeed means --distributed-backend deepspeed; it cannot be combined "
                                  f"with --distributed-backend {backend}")
             backend = "deepspeed"
-        return cls(backend=backend)
+        given = {"--zero-stage": args.zero_stage is not None, "--offload": args.offload,
+                 "--deepspeed-config": args.deepspeed_config is not None}
+        if backend != "deepspeed" and any(given.values()):
+            named = ", ".join(flag for flag, set_ in given.items() if set_)
+            raise TrainError(f"{named}: only the deepspeed backend reads it; add --distributed-backend "
+                             f"deepspeed (or --deepspeed), or leave it out with --distributed-backend "
+                             f"{backend}")
+        return cls(backend=backend, zero_stage=args.zero_stage, offload=args.offload,
+                   deepspeed_config=args.deepspeed_config)
+
+    def backend_options(self) -> dict[str, Any]:
+        """The keyword arguments the backend's factory is given (the engine flags that were set)."""
+        options: dict[str, Any] = {}
+        if self.zero_stage is not None:
+            options["zero_stage"] = self.zero_stage
+        if self.offload:
+            options["offload"] = True
+        if self.deepspeed_config is not None:
+            options["config_file"] = str(self.deepspeed_config)
+        return options
 
 
 @dataclass(frozen=True)

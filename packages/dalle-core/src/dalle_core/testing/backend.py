@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dalle_core.interfaces import DistributedBackend
+from dalle_core.interfaces import DistributedBackend, StepPlan
 
 
 class BackendConformance:
@@ -33,6 +33,10 @@ class BackendConformance:
         backend.initialize()
         return backend
 
+    def plan(self, ga_steps: int = 1, clip_grad_norm: float | None = None) -> StepPlan:
+        """How the suite steps: micro-batches of 8 samples."""
+        return StepPlan(micro_batch_size=8, ga_steps=ga_steps, clip_grad_norm=clip_grad_norm)
+
     def model_and_optimizer(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
         model = nn.Linear(4, 2)
@@ -50,7 +54,7 @@ class BackendConformance:
     def test_wrap_and_step(self, backend: DistributedBackend) -> None:
         model, optimizer = self.model_and_optimizer()
         before = [p.detach().clone() for p in model.parameters()]
-        model, optimizer = backend.wrap(model, optimizer)
+        model, optimizer = backend.wrap(model, optimizer, self.plan())
         device = next(model.parameters()).device
         inputs = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)).to(device)
         model(inputs).pow(2).mean().backward()
@@ -60,7 +64,7 @@ class BackendConformance:
 
     def test_wrap_without_optimizer(self, backend: DistributedBackend) -> None:
         model, _ = self.model_and_optimizer()
-        wrapped, optimizer = backend.wrap(model, None)
+        wrapped, optimizer = backend.wrap(model, None, self.plan())
         assert optimizer is None
         device = next(wrapped.parameters()).device
         assert wrapped(torch.zeros(1, 4, device=device)).shape == (1, 2)
@@ -79,7 +83,7 @@ class BackendConformance:
         gradients are zeroed."""
         model, optimizer = self.model_and_optimizer()
         reference, _ = self.model_and_optimizer()
-        model, optimizer = backend.wrap(model, optimizer)
+        model, optimizer = backend.wrap(model, optimizer, self.plan(ga_steps=2, clip_grad_norm=0.01))
         device = next(model.parameters()).device
         inputs = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
         scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -99,21 +103,30 @@ class BackendConformance:
         assert backend.gather_object({"rank": backend.rank}) == [{"rank": 0}]
         backend.shutdown()
 
-    def test_checkpoint_round_trip(self, backend: DistributedBackend, tmp_path: Path) -> None:
+    def test_state_round_trip(self, backend: DistributedBackend, tmp_path: Path) -> None:
+        """Within `gathered` the model's state is whole; the optimizer's state in torch's form
+        loads back; the engine's own state, if it writes one, restores the same weights."""
         model, optimizer = self.model_and_optimizer()
-        model(torch.ones(2, 4)).sum().backward()
+        unwrapped = model
+        model, optimizer = backend.wrap(model, optimizer, self.plan())
+        device = next(model.parameters()).device
+        model(torch.ones(2, 4, device=device)).sum().backward()
         optimizer.step()
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": 3,
-            "rng": torch.get_rng_state(),
-        }
-        path = tmp_path / "state.pt"
-        backend.save_checkpoint(state, path)
-        loaded = backend.load_checkpoint(path)
-        assert loaded["step"] == 3
-        assert torch.equal(loaded["rng"], state["rng"])
-        for key, tensor in state["model"].items():
-            assert torch.equal(loaded["model"][key], tensor), key
-        assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+        with backend.gathered(unwrapped):
+            weights = {key: tensor.detach().cpu().clone() for key, tensor in unwrapped.state_dict().items()}
+        assert weights.keys() == {"weight", "bias"} and weights["weight"].shape == (2, 4)
+        state = backend.optimizer_state_dict(optimizer)
+        if state is not None:
+            assert [group["lr"] for group in state["param_groups"]] == [0.1]
+            backend.load_optimizer_state_dict(optimizer, state)
+        wrote = backend.save_engine_state(tmp_path / "engine")
+        assert isinstance(wrote, bool)
+        assert backend.load_engine_state(tmp_path / "missing") is False
+        if wrote:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.zero_()
+            assert backend.load_engine_state(tmp_path / "engine") is True
+            with backend.gathered(unwrapped):
+                for key, tensor in unwrapped.state_dict().items():
+                    torch.testing.assert_close(tensor.detach().cpu(), weights[key], msg=key)

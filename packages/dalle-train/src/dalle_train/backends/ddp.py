@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dalle_core.interfaces import DistributedBackend
+from dalle_core.interfaces import DistributedBackend, StepPlan
 
 #: what torchrun (and torch.distributed's env:// rendezvous) sets for every process
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -74,7 +74,7 @@ class DDPBackend(DistributedBackend):
         dist.barrier()
 
     def wrap(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, plan: StepPlan
     ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
         device_ids = [self._device.index] if self._device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), optimizer

@@ -54,6 +54,11 @@ def add_run_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
              "plugin adds (see dalle-train plugins; default none: one process)")
     add_flag(group, "--deepspeed", action="store_true",
              help="upstream spelling of --distributed-backend deepspeed")
+    add_flag(group, "--zero-stage", type=int, choices=(1, 2, 3), metavar="N",
+             help="deepspeed: ZeRO stage 1, 2 or 3; stage 1 when not given")
+    add_flag(group, "--offload", action="store_true", help="deepspeed: keep the optimizer's state on the CPU")
+    add_flag(group, "--deepspeed-config", type=Path, metavar="FILE.json",
+             help="deepspeed: a configuration merged with what the flags say (a conflict is an error)")
     add_flag(group, "--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     add_flag(group, "--wandb", action="store_true",
              help="also log to Weights & Biases (offline without an API key)")
@@ -161,9 +166,10 @@ def saved_sections(config: TrainConfig, run_state: dict[str, Any]) -> dict[str, 
 C = TypeVar("C", bound=TrainConfig)
 
 
-def start_backend(name: str) -> DistributedBackend:
-    """The distributed backend ``--distributed-backend NAME`` names, initialized (joined)."""
-    backend = as_train_error(f"--distributed-backend {name}", lambda: create_backend(name))
+def start_backend(name: str, **options: Any) -> DistributedBackend:
+    """The distributed backend ``--distributed-backend NAME`` names, built with ``options``
+    (its engine flags) and initialized (joined)."""
+    backend = as_train_error(f"--distributed-backend {name}", lambda: create_backend(name, **options))
     try:
         backend.initialize()
     except (RuntimeError, ValueError, OSError) as error:
@@ -179,7 +185,7 @@ def prepare_run(config: C) -> Run:
     resume_from = resume_state = None
     if launch.start_fresh and (launch.resume or launch.resume_from):
         raise TrainError("--resume and --start-fresh contradict each other: pick one")
-    backend = start_backend(config.distributed.backend)
+    backend = start_backend(config.distributed.backend, **config.distributed.backend_options())
     if launch.start_fresh and checkpoints.exists():
         if backend.is_root:
             shutil.rmtree(checkpoints)
@@ -209,7 +215,8 @@ def prepare_run(config: C) -> Run:
     if optim.max_steps is not None and optim.max_steps < 1:
         raise TrainError(f"--max-steps must be at least 1, got {optim.max_steps}")
     settings = LoopSettings(
-        precision=Precision(optim.precision, device), epochs=optim.epochs, max_steps=optim.max_steps,
+        precision=Precision(optim.precision, device), batch_size=optim.batch_size, epochs=optim.epochs,
+        max_steps=optim.max_steps,
         ga_steps=optim.ga_steps, clip_grad_norm=optim.clip_grad_norm,
         save_every=config.checkpoints.save_every_n_steps, keep=config.checkpoints.keep_n_checkpoints,
         log_every=logging.log_every, sample_every=logging.sample_every,
@@ -237,7 +244,7 @@ def fit(task: Task, batches: Any, run: Run) -> int:
     root = run.backend.is_root
     try:
         outcome = train(task, batches, optimizer, schedule, run.settings, run.out, run.metrics,
-                        run.saved(), run.resume_state, run.backend)
+                        run.saved(), run.resume_state, run.backend, run.resume_from)
     finally:
         run.metrics.close()
         run.backend.shutdown()

@@ -1,7 +1,8 @@
 """Atomic training checkpoints: ``OUT/checkpoints/step-N/`` (see `dalle_train.training.layout`).
 
-A step directory is built under a hidden temporary name (the model with ``save_pretrained``,
-then ``training/state.pt``), renamed into place once complete, and only then named by
+A step directory is built under a hidden temporary name (`staging_dir`: the distributed
+engine's own files, when it has any, then the model with ``save_pretrained``, then
+``training/state.pt``), renamed into place once complete, and only then named by
 ``latest``. A process killed at any point leaves either the previous checkpoint as ``latest``
 or a hidden temporary directory, which the next run deletes.
 """
@@ -58,15 +59,29 @@ def remove_partial(checkpoints: Path) -> list[Path]:
     return partial
 
 
+def staging_dir(checkpoints: Path, step: int) -> Path:
+    """The hidden temporary directory ``checkpoints/step-<step>`` is built in (one name for
+    every process of a run: a distributed engine writes its own files there first)."""
+    return checkpoints / f"{TEMP_PREFIX}{step_dir(checkpoints, step).name}"
+
+
+def new_staging_dir(checkpoints: Path, step: int) -> Path:
+    """`staging_dir`, emptied (what a failed save of the same step left is removed)."""
+    temp = staging_dir(checkpoints, step)
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    return temp
+
+
 def save_checkpoint(
-    checkpoints: Path, step: int, model: Any, state: dict[str, Any], keep: int | None
+    checkpoints: Path, step: int, model: Any, state: dict[str, Any], keep: int | None,
+    temp: Path | None = None,
 ) -> Path:
     """Write ``checkpoints/step-<step>`` (model + ``training/state.pt``) atomically, point
-    ``latest`` at it and keep only the newest ``keep`` step directories (all when None)."""
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    ``latest`` at it and keep only the newest ``keep`` step directories (all when None).
+    ``temp``: the staging directory already holding the engine's files (`new_staging_dir`)."""
     final = step_dir(checkpoints, step)
-    temp = checkpoints / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
+    temp = temp or new_staging_dir(checkpoints, step)
     model.save_pretrained(temp)
     atomic_torch_save(state, temp / TRAINING_STATE / STATE_FILE)
     _fsync_dir(temp)

@@ -5,7 +5,9 @@
     OUT/checkpoints/step-120/          a model directory: config.json + model.safetensors
                                         (+ vae/ and tokenizer/ for a DALLE), loadable with
                                         from_pretrained, plus training/ (optimizer, scheduler,
-                                        RNG and data position, for --resume)
+                                        RNG and data position, for --resume), and
+                                        engine/ when the backend keeps its own state
+                                        (DeepSpeed's sharded checkpoint)
     OUT/checkpoints/latest             a text file naming the newest complete step directory
 
 A step directory is written under a temporary name and renamed when complete, and ``latest``
@@ -23,6 +25,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STEP_PREFIX = "step-"
 TRAINING_STATE = "training"
+#: the distributed engine's own files for an exact resume (`DistributedBackend.save_engine_state`)
+ENGINE_STATE = "engine"
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:

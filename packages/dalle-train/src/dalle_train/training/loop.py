@@ -7,7 +7,10 @@ metrics, sample pictures, atomic checkpoints, exact resumes, SIGINT/SIGTERM and 
 It is one loop for every distributed backend (`dalle_core.interfaces.DistributedBackend`): the
 backend wraps the model, runs backward and the optimizer step, and keeps the processes in step
 (averaged losses, one decision to stop); only the root process writes metrics, pictures and
-checkpoints, and each process's random generators are saved with them.
+checkpoints, and each process's random generators are saved with them. Every save is
+collective: the optimizer's state and the weights are gathered (an engine that shards them
+gathers them for the root), and an engine with its own state (DeepSpeed) writes it beside the
+ordinary checkpoint, which stays loadable by any backend and by generation.
 
 The loop synchronises with the device only at logging and saving steps: losses accumulate in a
 device tensor and are read (and checked for NaN) every ``log_every`` steps and before every
@@ -28,10 +31,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dalle_core.backends import SingleProcessBackend
-from dalle_core.interfaces import DistributedBackend
+from dalle_core.interfaces import DistributedBackend, StepPlan
 from dalle_train.errors import TrainError
-from dalle_train.training.checkpoints import remove_partial, save_checkpoint
-from dalle_train.training.layout import CHECKPOINTS, step_dir
+from dalle_train.training.checkpoints import new_staging_dir, remove_partial, save_checkpoint, staging_dir
+from dalle_train.training.layout import CHECKPOINTS, ENGINE_STATE, step_dir
 from dalle_train.training.metrics import MetricsLog
 from dalle_train.training.optim import Schedule
 from dalle_train.training.precision import Precision
@@ -82,6 +85,8 @@ class LoopSettings:
     """How long and how to train (the command-line flags the loop needs)."""
 
     precision: Precision
+    #: samples per process per micro-batch (``--batch-size``)
+    batch_size: int = 1
     epochs: int = 20
     max_steps: int | None = None
     ga_steps: int = 1
@@ -95,6 +100,11 @@ class LoopSettings:
         """Optimizer steps the run makes: ``--max-steps``, else ``--epochs`` worth of batches."""
         by_epochs = self.epochs * batches_per_epoch // self.ga_steps
         return self.max_steps if self.max_steps is not None else max(by_epochs, 1)
+
+    def plan(self) -> StepPlan:
+        """What the distributed backend is told about stepping (`DistributedBackend.wrap`)."""
+        return StepPlan(micro_batch_size=self.batch_size, ga_steps=self.ga_steps,
+                        clip_grad_norm=self.clip_grad_norm, precision=self.precision.name)
 
 
 @dataclass
@@ -118,10 +128,12 @@ def train(
     run_config: dict[str, Any],
     resume: dict[str, Any] | None = None,
     backend: DistributedBackend | None = None,
+    resume_dir: Path | None = None,
 ) -> Outcome:
     """Train ``task.model`` on ``batches`` (an endless, resumable iterator of micro-batches).
 
-    ``resume`` is a saved training state (`dalle_train.training.checkpoints.load_state`);
+    ``resume`` is a saved training state (`dalle_train.training.checkpoints.load_state`) and
+    ``resume_dir`` the checkpoint it came from (where an engine's own state may be);
     ``run_config`` is stored with every checkpoint so a resumed run can check its flags;
     ``backend``: the initialized distributed backend (None: one process).
     """
@@ -133,25 +145,26 @@ def train(
     total = settings.total_steps(batches.batches_per_epoch)
     step = 0
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        step = int(resume["step"])
+        if step >= total:
+            raise TrainError(f"the checkpoint is at step {step} and this run stops at step {total}: "
+                             f"raise --max-steps or --epochs to train further")
+    device = next(model.parameters()).device
+    task.wrapped, optimizer = backend.wrap(model, optimizer, settings.plan())
+    if resume is not None:
+        _resume_optimizer(resume, resume_dir, backend, optimizer)
         schedule.load_state_dict(resume["schedule"])
         scaler.load_state_dict(resume["scaler"])
         batches.load_state_dict(resume["data"])
-        step = int(resume["step"])
         _resume_rng(resume, backend, step)
-    if step >= total:
-        raise TrainError(f"the checkpoint is at step {step} and this run stops at step {total}: "
-                         f"raise --max-steps or --epochs to train further")
 
-    device = next(model.parameters()).device
     running, micro_batches, samples, last_saved = torch.zeros((), device=device), 0, 0, None
     last_loss, started = None, time.perf_counter()
-    task.wrapped, optimizer = backend.wrap(model, optimizer)
     items = iter(batches)
 
     def save(at: int) -> Path:
         # every process's generators, by rank, and (several processes) a fingerprint of its weights
-        fingerprint = _fingerprint(model) if backend.world_size > 1 else None
+        fingerprint = _fingerprint(model) if backend.world_size > 1 and backend.replicated else None
         gathered = backend.gather_object((rng_state(), fingerprint))
         rngs = [rng for rng, _ in gathered]
         differing = [rank for rank, (_, print_) in enumerate(gathered) if print_ != gathered[0][1]]
@@ -159,15 +172,20 @@ def train(
             raise TrainError(f"at step {at} the weights of process(es) {differing} differ from process "
                              f"0's: the {backend.plugin_name} backend did not keep them in step; nothing "
                              f"was saved")
+        optimizer_state = backend.optimizer_state_dict(optimizer)  # collective
         state = {
-            "step": at, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "step": at, "optimizer": optimizer_state, "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(), "data": batches.state_dict(), "rng": rngs[0], "run": run_config,
         }
         if len(rngs) > 1:
             state[RNG_BY_RANK] = rngs
+        temp = new_staging_dir(checkpoints, at) if root else staging_dir(checkpoints, at)
+        backend.barrier()  # the staging directory exists for every process
+        backend.save_engine_state(temp / ENGINE_STATE)
         saved = step_dir(checkpoints, at)
-        if root:
-            saved = save_checkpoint(checkpoints, at, model, state, settings.keep)
+        with backend.gathered(model):
+            if root:
+                saved = save_checkpoint(checkpoints, at, model, state, settings.keep, temp)
         backend.barrier()  # the others wait until the checkpoint is complete
         return saved
 
@@ -213,10 +231,13 @@ def train(
                                  "samples/s": f"{rates['samples_per_s']:.1f}"}, refresh=False)
                 running.zero_()
                 micro_batches = 0
-            if root and ((settings.sample_every and step % settings.sample_every == 0) or step == total):
+            sampling = (settings.sample_every and step % settings.sample_every == 0) or step == total
+            if root and sampling and backend.replicated:
                 _write_samples(task, step, out, metrics)
             if saving:
                 last_saved = save(step)
+                if root and sampling and not backend.replicated:
+                    _write_samples_from(last_saved, task, step, out, metrics)
             if stopping:
                 return Outcome(step, last_saved, stop.signum, last_loss)
     return Outcome(step, last_saved, None, last_loss)
@@ -238,6 +259,34 @@ def _resume_rng(resume: dict[str, Any], backend: DistributedBackend, step: int) 
     set_rng_state(resume["rng"])
     if backend.rank:
         seed_everything(step * 1_000_003 + backend.rank)
+
+
+def _resume_optimizer(resume: dict[str, Any], resume_dir: Path | None, backend: DistributedBackend,
+                      optimizer: torch.optim.Optimizer) -> None:
+    """The engine's own state when it saved one this backend can read (an exact resume), else
+    the ordinary checkpoint's optimizer state; a run whose engine kept it only in its own files
+    (DeepSpeed's ZeRO) restarts the optimizer's moments, and says so."""
+    if resume_dir is not None and backend.load_engine_state(resume_dir / ENGINE_STATE):
+        return
+    if resume["optimizer"] is not None:
+        backend.load_optimizer_state_dict(optimizer, resume["optimizer"])
+    elif backend.is_root:
+        print(f"{resume_dir or 'the checkpoint'}: the optimizer's state was saved only in its engine's own "
+              f"files, which the {backend.plugin_name} backend with {backend.world_size} process(es) cannot "
+              f"read; the weights, schedule, data position and random generators resume, the optimizer's "
+              f"moments start again")
+
+
+def _write_samples_from(checkpoint: Path, task: Task, step: int, out: Path, metrics: MetricsLog) -> None:
+    """Samples of an engine that shards the weights (its forward is collective) come from the
+    checkpoint just saved, reloaded whole into an ordinary model on the root."""
+    trained = task.model
+    device = next(trained.parameters()).device
+    task.model = type(trained).from_pretrained(checkpoint, map_location=device)
+    try:
+        _write_samples(task, step, out, metrics)
+    finally:
+        task.model = trained
 
 
 def _write_samples(task: Task, step: int, out: Path, metrics: MetricsLog) -> None:
