@@ -69,6 +69,7 @@ INSTALL_HINTS: dict[str, dict[str, str]] = {
     "attention": {"triton": "dalle-attn-sparse"},
     "backends": {
         "ddp": "dalle-train",
+        "fsdp": "dalle-train",
         "deepspeed": "dalle-dist-deepspeed", "horovod": "dalle-dist-horovod",
     },
 }

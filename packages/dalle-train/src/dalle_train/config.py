@@ -119,7 +119,7 @@ class Distribution(Section):
     backend or number of processes)."""
 
     saved: ClassVar[bool] = False
-    #: a registered distributed backend: none (one process), ddp (dalle-train), or one a plugin adds
+    #: a registered distributed backend: none (one process), ddp or fsdp (dalle-train), or one a plugin adds
     backend: str = option("none", flags=("distributed_backend", "deepspeed"))
     #: DeepSpeed's ZeRO stage (1, 2 or 3); None: the backend's default
     zero_stage: int | None = None

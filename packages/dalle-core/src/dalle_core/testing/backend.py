@@ -37,6 +37,12 @@ class BackendConformance:
         """How the suite steps: micro-batches of 8 samples."""
         return StepPlan(micro_batch_size=8, ga_steps=ga_steps, clip_grad_norm=clip_grad_norm)
 
+    @staticmethod
+    def whole_parameters(backend: DistributedBackend, model: nn.Module) -> list[torch.Tensor]:
+        """The unwrapped ``model``'s parameters, whole (gathered where the backend shards them)."""
+        with backend.gathered(model):
+            return [parameter.detach().cpu().clone() for parameter in model.parameters()]
+
     def model_and_optimizer(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
         model = nn.Linear(4, 2)
@@ -54,12 +60,13 @@ class BackendConformance:
     def test_wrap_and_step(self, backend: DistributedBackend) -> None:
         model, optimizer = self.model_and_optimizer()
         before = [p.detach().clone() for p in model.parameters()]
+        unwrapped = model
         model, optimizer = backend.wrap(model, optimizer, self.plan())
         device = next(model.parameters()).device
         inputs = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)).to(device)
         model(inputs).pow(2).mean().backward()
         optimizer.step()
-        after = [p.detach().cpu() for p in model.parameters()]
+        after = self.whole_parameters(backend, unwrapped)
         assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
 
     def test_wrap_without_optimizer(self, backend: DistributedBackend) -> None:
@@ -83,6 +90,7 @@ class BackendConformance:
         gradients are zeroed."""
         model, optimizer = self.model_and_optimizer()
         reference, _ = self.model_and_optimizer()
+        unwrapped = model
         model, optimizer = backend.wrap(model, optimizer, self.plan(ga_steps=2, clip_grad_norm=0.01))
         device = next(model.parameters()).device
         inputs = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
@@ -93,9 +101,10 @@ class BackendConformance:
         backend.step(optimizer, scaler, clip_grad_norm=0.01)
         sum(reference(micro).pow(2).mean() / 2 for micro in inputs).backward()
         torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 0.01)
-        for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):
-            assert mine.grad is None, "step leaves the gradients zeroed"
-            torch.testing.assert_close(mine.detach().cpu(), (theirs - 0.1 * theirs.grad).detach())
+        assert all(mine.grad is None for mine in model.parameters()), "step leaves the gradients zeroed"
+        stepped = self.whole_parameters(backend, unwrapped)
+        for mine, theirs in zip(stepped, reference.parameters(), strict=True):
+            torch.testing.assert_close(mine, (theirs - 0.1 * theirs.grad).detach())
 
     def test_device_any_and_gather(self, backend: DistributedBackend) -> None:
         assert backend.device(torch.device("cpu")).type in ("cpu", "cuda")

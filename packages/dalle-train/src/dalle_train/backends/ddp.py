@@ -1,77 +1,27 @@
 """``ddp``: torch DistributedDataParallel, one process per device, launched by ``torchrun``.
 
-Processes talk over gloo on CPU and NCCL on CUDA (``cpu:gloo,cuda:nccl`` when a GPU is there);
-the per-step agreement to stop goes over gloo, so the loop waits for the GPU only when it logs
-or saves.
 DDP broadcasts rank 0's weights when it wraps the model and averages gradients in the backward
-of an accumulation's last micro-batch (the others run under ``no_sync``). Collectives time out
-after ``timeout_s`` seconds, so a process that died without its launcher noticing still ends
-the run instead of hanging it.
+of an accumulation's last micro-batch (the others run under ``no_sync``); every process holds
+every weight and the optimizer's whole state, so saving needs nothing beyond the defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from contextlib import AbstractContextManager
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
-from dalle_core.interfaces import DistributedBackend, StepPlan
-
-#: what torchrun (and torch.distributed's env:// rendezvous) sets for every process
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-LAUNCH_HINT = "torchrun --nproc_per_node N $(which dalle-train) COMMAND ... --distributed-backend ddp"
+from dalle_core.interfaces import StepPlan
+from dalle_train.backends.process_group import ProcessGroupBackend
 
 
-class DDPBackend(DistributedBackend):
-    """torch.distributed with DistributedDataParallel; the launcher's environment says who is
-    who (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
+class DDPBackend(ProcessGroupBackend):
+    """torch.distributed with DistributedDataParallel."""
 
     plugin_name = "ddp"
-
-    def __init__(self, timeout_s: float = 600.0) -> None:
-        self.timeout = timedelta(seconds=timeout_s)
-        self._device = torch.device("cpu")
-
-    def initialize(self) -> None:
-        missing = [name for name in LAUNCHER_VARIABLES if name not in os.environ]
-        if missing:
-            raise RuntimeError(
-                f"the ddp backend runs under a launcher that sets {', '.join(missing)}: "
-                f"start it with {LAUNCH_HINT}"
-            )
-        if not dist.is_initialized():
-            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=self.timeout)
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size()
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank()
-
-    @property
-    def local_rank(self) -> int:
-        return int(os.environ["LOCAL_RANK"])
-
-    def device(self, requested: torch.device) -> torch.device:
-        """``cuda:<local_rank>`` when a CUDA device is asked for, else the CPU."""
-        if requested.type == "cuda":
-            self._device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self._device)
-        else:
-            self._device = requested
-        return self._device
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     def wrap(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None, plan: StepPlan
@@ -82,24 +32,3 @@ class DDPBackend(DistributedBackend):
     def accumulating(self, model: nn.Module, sync: bool) -> AbstractContextManager[Any]:
         """``model.no_sync()`` for all but the last micro-batch of an optimizer step."""
         return contextlib.nullcontext() if sync else model.no_sync()
-
-    def average(self, tensor: Tensor) -> Tensor:
-        # a sum, then a division: gloo's AVG has been reported to sum (pytorch issue 162338)
-        total = tensor.detach().to(self._device, copy=True)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return (total / self.world_size).to(tensor.device)
-
-    def any(self, flag: bool) -> bool:
-        """Reduced on the CPU (gloo): agreeing to stop, every step, never waits for a GPU."""
-        count = torch.tensor(float(flag), device="cpu")
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-        return bool(count.item() > 0)
-
-    def gather_object(self, obj: Any) -> list[Any]:
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
-        return gathered
-
-    def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

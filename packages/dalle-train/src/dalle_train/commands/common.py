@@ -50,7 +50,7 @@ def add_run_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
     add_flag(group, "--amp", action="store_true", help="upstream spelling of --precision fp16")
     add_flag(group, "--compile", action="store_true", help="torch.compile the model")
     add_flag(group, "--distributed-backend", "--distr_backend", default="none",
-             metavar="NAME", help="train in several processes: ddp (under torchrun), or a backend a "
+             metavar="NAME", help="train in several processes: ddp or fsdp (under torchrun), or a backend a "
              "plugin adds (see dalle-train plugins; default none: one process)")
     add_flag(group, "--deepspeed", action="store_true",
              help="upstream spelling of --distributed-backend deepspeed")

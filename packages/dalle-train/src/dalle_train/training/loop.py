@@ -149,7 +149,7 @@ def train(
         if step >= total:
             raise TrainError(f"the checkpoint is at step {step} and this run stops at step {total}: "
                              f"raise --max-steps or --epochs to train further")
-    device = next(model.parameters()).device
+    device, model_class = next(model.parameters()).device, type(model)  # a backend may change its class
     task.wrapped, optimizer = backend.wrap(model, optimizer, settings.plan())
     if resume is not None:
         _resume_optimizer(resume, resume_dir, backend, optimizer)
@@ -237,7 +237,8 @@ def train(
             if saving:
                 last_saved = save(step)
                 if root and sampling and not backend.replicated:
-                    _write_samples_from(last_saved, task, step, out, metrics)
+                    _write_samples_from(model_class.from_pretrained(last_saved, map_location=device), task,
+                                        step, out, metrics)
             if stopping:
                 return Outcome(step, last_saved, stop.signum, last_loss)
     return Outcome(step, last_saved, None, last_loss)
@@ -277,12 +278,10 @@ def _resume_optimizer(resume: dict[str, Any], resume_dir: Path | None, backend: 
               f"moments start again")
 
 
-def _write_samples_from(checkpoint: Path, task: Task, step: int, out: Path, metrics: MetricsLog) -> None:
+def _write_samples_from(reloaded: nn.Module, task: Task, step: int, out: Path, metrics: MetricsLog) -> None:
     """Samples of an engine that shards the weights (its forward is collective) come from the
-    checkpoint just saved, reloaded whole into an ordinary model on the root."""
-    trained = task.model
-    device = next(trained.parameters()).device
-    task.model = type(trained).from_pretrained(checkpoint, map_location=device)
+    checkpoint just saved, ``reloaded`` whole into an ordinary model on the root."""
+    trained, task.model = task.model, reloaded
     try:
         _write_samples(task, step, out, metrics)
     finally:

@@ -1,12 +1,15 @@
-"""``--distributed-backend ddp`` through the real launcher: ``torchrun`` starting 2 CPU processes
-that talk over gloo on this machine.
+"""``--distributed-backend ddp`` and ``fsdp`` through the real launcher: ``torchrun`` starting 2 CPU
+processes that talk over gloo on this machine.
 
 - 2 processes at batch b reach the weights of 1 process at batch 2b (float tolerance), with the
   same losses; only the root writes metrics and says how the run ended;
 - a run of 2 processes resumes exactly in 2 processes, and resumes in 1 (and a run of 1 in 2);
 - two launchers as two "nodes" rendezvousing on 127.0.0.1 train as one run;
 - a process killed with SIGKILL ends the whole run within a bounded time, the launcher naming it;
-- without a launcher, or with a backend that is not installed, the error says what to do.
+- without a launcher, or with a backend that is not installed, the error says what to do;
+- fsdp: 2 processes equal 1 with accumulated, clipped gradients; its checkpoints are ordinary
+  (the root's samples reload them), resume exactly in fsdp, and continue in ddp as fsdp would,
+  and fsdp continues ddp's, optimizer state included.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ def dalle(out: Path, vae_dir: Path, *extra: str) -> list[str]:
     return ["dalle", *SHAPES, *TINY, "--vae-path", str(vae_dir), "--output-dir", str(out), *extra]
 
 
-def torchrun(args: list[str], *launcher: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], *launcher: str, backend: str = "ddp", timeout: float = 240
+             ) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2`` (or ``launcher``) running dalle-train."""
     launcher = launcher or ("--standalone", "--nproc_per_node", "2")
-    return subprocess.run([*TORCHRUN, *launcher, "-m", "dalle_train", *args, "--distributed-backend", "ddp"],
-                          capture_output=True, text=True, timeout=timeout)
+    command = [*TORCHRUN, *launcher, "-m", "dalle_train", *args, "--distributed-backend", backend]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
 def one_process(args: list[str]) -> None:
@@ -191,12 +195,38 @@ def test_without_a_launcher_or_the_backend_the_error_says_what_to_do(
         monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    assert cli.main(dalle(tmp_path / "a", vae_dir, "--distributed-backend", "ddp")) == 2
-    error = capsys.readouterr().err
-    assert "--distributed-backend ddp: the ddp backend runs under a launcher that sets RANK" in error
-    assert "torchrun --nproc_per_node N" in error
+    for backend in ("ddp", "fsdp"):
+        assert cli.main(dalle(tmp_path / backend, vae_dir, "--distributed-backend", backend)) == 2
+        error = capsys.readouterr().err
+        flag = f"--distributed-backend {backend}"
+        assert f"{flag}: the {backend} backend runs under a launcher that sets RANK" in error
+        assert f"torchrun --nproc_per_node N $(which dalle-train) COMMAND ... {flag}" in error
     for flags in (["--distributed-backend", "deepspeed"], ["--deepspeed"]):
         assert cli.main(dalle(tmp_path / "b", vae_dir, *flags)) == 2
         assert "pip install dalle-dist-deepspeed" in capsys.readouterr().err
     assert cli.main(dalle(tmp_path / "c", vae_dir, "--deepspeed", "--distributed-backend", "ddp")) == 2
     assert "--deepspeed means --distributed-backend deepspeed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fsdp_is_one_process_and_its_checkpoints_are_ordinary(tmp_path: Path, vae_dir: Path) -> None:
+    steps = ["--batch-size", "2", "--lr-schedule", "constant", "--ga-steps", "2", "--clip-grad-norm", "0.05"]
+    straight, one = tmp_path / "straight", tmp_path / "one"
+    out = ok(torchrun(dalle(straight, vae_dir, *steps, "--max-steps", "5", "--sample-every", "1",
+                            "--save-every-n-steps", "2"), backend="fsdp"))
+    assert "distributed: fsdp, 2 processes x --batch-size 2 x --ga-steps 2 = 8 samples" in out
+    one_process(dalle(one, vae_dir, *steps[2:], "--batch-size", "4", "--max-steps", "5"))
+    assert_close_weights(straight / "checkpoints/step-5", one / "checkpoints/step-5", atol=1e-6)
+    assert losses(straight) == pytest.approx(losses(one), abs=1e-5)
+    # the root's samples come from each saved checkpoint, reloaded as an ordinary DALLE
+    assert sorted(p.name for p in (straight / "samples").glob("*.png")) == [
+        f"dalle-step-000000{step}.png" for step in (2, 4, 5)]
+
+    # resumed in fsdp: exact; in ddp: the same numbers; fsdp resuming ddp's run: the same too
+    straight_5 = straight / "checkpoints/step-5"
+    resumes = (("fsdp", "fsdp", "fsdp"), ("to-ddp", "fsdp", "ddp"), ("from-ddp", "ddp", "fsdp"))
+    for name, first, then in resumes:
+        run = tmp_path / name
+        ok(torchrun(dalle(run, vae_dir, *steps, "--max-steps", "3"), backend=first))
+        ok(torchrun(dalle(run, vae_dir, "--resume", "--max-steps", "5"), backend=then))
+        assert_close_weights(run / "checkpoints/step-5", straight_5, atol=0 if name == "fsdp" else 1e-6)
