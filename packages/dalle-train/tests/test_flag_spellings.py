@@ -1,4 +1,5 @@
-"""`dalle_train.flags.add_flag`: every flag's spellings, its destination and its help text."""
+"""`dalle_train.flags.add_flag`: every flag's spellings, its destination and its help text; the
+launchers' arguments dalle-train accepts before its command."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 
 import pytest
 
+from dalle_train import cli
 from dalle_train.flags import add_flag
 
 
@@ -37,3 +39,10 @@ def test_a_given_destination_is_kept() -> None:
 def test_a_flag_is_named_with_two_dashes_and_no_underscore(name: str) -> None:
     with pytest.raises(AssertionError, match=f"flag {name} must be spelled with dashes"):
         add_flag(argparse.ArgumentParser(), name)
+
+
+def test_the_deepspeed_launchers_local_rank_before_the_command_is_accepted_and_not_a_given_flag() -> None:
+    for spelling in ("--local_rank=1", "--local-rank=1"):
+        args = cli.build_parser().parse_args([spelling, "plugins"])
+        assert args.local_rank == 1 and args.command == "plugins"
+        assert cli.given_flags([spelling, "plugins"]) == set()

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train DiscreteVAE, DALLE and CLIP on image-text data and generate images.",
     )
     parser.add_argument("--version", action="version", version=f"dalle-train {__version__}")
+    # the deepspeed launcher passes --local_rank=N before the command; backends read LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         import_module(f"dalle_train.commands.{name}").register(subparsers)
@@ -49,7 +51,7 @@ def given_flags(argv: Sequence[str]) -> set[str]:
     for parser in _parsers(shadow):
         for action in parser._actions:
             action.default = argparse.SUPPRESS
-    return set(vars(shadow.parse_args(argv))) - {"command", "run"}
+    return set(vars(shadow.parse_args(argv))) - {"command", "run", "local_rank"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
