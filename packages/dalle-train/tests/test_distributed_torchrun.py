@@ -5,7 +5,8 @@ processes that talk over gloo on this machine.
   same losses; only the root writes metrics and says how the run ended;
 - a run of 2 processes resumes exactly in 2 processes, and resumes in 1 (and a run of 1 in 2);
 - two launchers as two "nodes" rendezvousing on 127.0.0.1 train as one run;
-- a process killed with SIGKILL ends the whole run within a bounded time, the launcher naming it;
+- a process killed with SIGKILL, or one whose optimizer step raises, ends the whole run within a
+  bounded time, the launcher naming it (and its error);
 - without a launcher, or with a backend that is not installed, the error says what to do;
 - fsdp: 2 processes equal 1 with accumulated, clipped gradients; its checkpoints are ordinary
   (the root's samples reload them), resume exactly in fsdp, and continue in ddp as fsdp would,
@@ -158,6 +159,42 @@ def test_a_killed_process_ends_the_run(tmp_path: Path, vae_dir: Path) -> None:
     assert ended_after < 60, f"the run went on for {ended_after:.0f} s after a process was killed"
     assert "Signal 9 (SIGKILL)" in output or "exitcode  : -9" in output, output[-3000:]
     assert all(rank_of(pid) is None for pid in workers.values())  # no process left behind
+
+
+#: put on PYTHONPATH: in the process of rank 1 only, the optimizer's third step raises
+FAILING_RANK = """
+import os
+if os.environ.get("RANK") == "1":
+    import torch
+    real_step, steps = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("injected failure in the process of rank 1")
+        return real_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_an_exception_in_one_process_ends_the_run_with_its_error(tmp_path: Path, vae_dir: Path,
+                                                                 backend: str) -> None:
+    (tmp_path / "sitecustomize.py").write_text(FAILING_RANK)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    started = time.monotonic()
+    result = subprocess.run(
+        [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "dalle_train",
+         *dalle(tmp_path / "run", vae_dir, "--batch-size", "2", "--max-steps", "100000"),
+         "--distributed-backend", backend],
+        capture_output=True, text=True, env=env, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120, "the run went on long after a process failed"
+    assert "RuntimeError: injected failure in the process of rank 1" in output, output[-3000:]
+    assert "rank      : 1" in output  # torchrun names the process that failed first
 
 
 def start_long_run(out: Path, vae_dir: Path) -> subprocess.Popen:
