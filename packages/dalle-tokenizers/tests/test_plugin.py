@@ -12,6 +12,8 @@ from pathlib import Path
 
 from dalle_core.plugins import create_tokenizer, describe_plugins, registry
 from dalle_tokenizers import BPETokenizer
+from dalle_tokenizers.chinese import INSTALL as CHINESE_INSTALL
+from dalle_tokenizers.yttm import INSTALL as YTTM_INSTALL
 
 NAMES = ("bpe", "hf", "yttm", "chinese")
 
@@ -71,8 +73,10 @@ def test_imports_and_lists_without_optional_libraries(tmp_path: Path) -> None:
     rows = {row["name"]: row for row in report["rows"]}
     assert set(NAMES) <= set(rows)
     assert rows["bpe"]["usable"] and rows["hf"]["usable"]
-    assert rows["yttm"] | {"usable": False, "reason": "youtokentome not installed"} == rows["yttm"]
-    assert rows["chinese"] | {"usable": False, "reason": "transformers not installed"} == rows["chinese"]
+    missing = (("yttm", "youtokentome", YTTM_INSTALL), ("chinese", "transformers", CHINESE_INSTALL))
+    for name, module, install in missing:
+        reason = f"{module} not installed; install it with: {install}"
+        assert rows[name] | {"usable": False, "reason": reason} == rows[name]
     assert report["bpe"] == create_tokenizer("bpe").encode("two cats")
     # through the registry: what is missing; the listing's description says how to install it
     assert "youtokentome not installed" in report["registry yttm"]

@@ -627,3 +627,19 @@ def test_a_resume_restores_the_engine_state_else_the_ordinary_state_else_says_wh
     engine_run(tmp_path / "c", ordinary, Linear(), 4, {**state, "optimizer": {"from": "ddp"}}, step_2)
     assert ("load_optimizer_state_dict", {"from": "ddp"}) in ordinary.calls
     assert "moments start again" not in capsys.readouterr().out
+
+
+class NewOptimizer(SingleProcessBackend):
+    """Wraps the optimizer in a new object with its own groups (as Horovod's and DeepSpeed's do)."""
+
+    def wrap(self, model, optimizer, plan):
+        return model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+
+def test_the_schedule_sets_the_rate_of_the_optimizer_the_backend_returned(tmp_path: Path) -> None:
+    task = Linear()
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    settings = LoopSettings(Precision("fp32", CPU), max_steps=2, save_every=10)
+    train(task, Numbers(), optimizer, Schedule(optimizer, "constant", 2), settings, tmp_path, Records(), {},
+          backend=NewOptimizer())
+    assert float(task.model.w) == pytest.approx(1 - 0.01 * 1 - 0.01 * 2)  # micro-batches 1 and 2

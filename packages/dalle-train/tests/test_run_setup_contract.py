@@ -267,7 +267,8 @@ def test_the_saved_configuration_is_every_section_but_how_this_process_runs(tmp_
 
 #: flags a training command accepts without a configuration field: argparse's own, and
 #: upstream's single checkpoint file name (checkpoints are OUT/checkpoints/step-N here)
-NOT_CONFIG = {"command", "run", "given", "dalle_output_file_name"}
+#: parsed but not configuration: the subcommand, the launcher's --local_rank (backends read LOCAL_RANK)
+NOT_CONFIG = {"command", "run", "given", "dalle_output_file_name", "local_rank"}
 
 
 @pytest.mark.parametrize("command,config_class", [("vae", VaeConfig), ("dalle", DalleConfig),

@@ -107,10 +107,13 @@ class PluginEntry:
         return self.metadata.get("description") or (doc[0] if doc else "")
 
     def usable(self) -> tuple[bool, str]:
-        """Whether every module in ``requires`` can be imported here, and if not why not."""
+        """Whether every module in ``requires`` can be imported here, and if not why not (and
+        the ``install`` metadata's command, when there is one)."""
         missing = [module for module in self.metadata["requires"] if not _importable(module)]
         if missing:
-            return False, f"{', '.join(missing)} not installed"
+            install = self.metadata.get("install")
+            remedy = f"; install it with: {install}" if install else ""
+            return False, f"{', '.join(missing)} not installed{remedy}"
         return True, ""
 
     def create(self, **kwargs: Any) -> Any:
@@ -122,12 +125,9 @@ class PluginEntry:
         """Raise `PluginNotUsableError`, saying what is missing, unless `usable`."""
         usable, reason = self.usable()
         if not usable:
-            install = self.metadata.get("install")
-            remedy = (
-                f"install it with: {install}" if install else f"install what is missing to use {self.name!r}"
-            )
+            remedy = "" if self.metadata.get("install") else f"; install what is missing to use {self.name!r}"
             raise PluginNotUsableError(
-                f"{self.name!r} (from {self.package}) cannot be used here: {reason}; {remedy}"
+                f"{self.name!r} (from {self.package}) cannot be used here: {reason}{remedy}"
             )
 
 

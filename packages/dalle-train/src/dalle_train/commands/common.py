@@ -172,7 +172,7 @@ def start_backend(name: str, **options: Any) -> DistributedBackend:
     backend = as_train_error(f"--distributed-backend {name}", lambda: create_backend(name, **options))
     try:
         backend.initialize()
-    except (RuntimeError, ValueError, OSError) as error:
+    except (RuntimeError, ValueError, OSError, ImportError) as error:
         raise TrainError(f"--distributed-backend {name}: {error}") from error
     return backend
 

@@ -151,6 +151,7 @@ def train(
                              f"raise --max-steps or --epochs to train further")
     device, model_class = next(model.parameters()).device, type(model)  # a backend may change its class
     task.wrapped, optimizer = backend.wrap(model, optimizer, settings.plan())
+    schedule.optimizer = optimizer  # a backend may return another optimizer (Horovod's, DeepSpeed's)
     if resume is not None:
         _resume_optimizer(resume, resume_dir, backend, optimizer)
         schedule.load_state_dict(resume["schedule"])
