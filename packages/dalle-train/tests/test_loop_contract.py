@@ -643,3 +643,19 @@ def test_the_schedule_sets_the_rate_of_the_optimizer_the_backend_returned(tmp_pa
     train(task, Numbers(), optimizer, Schedule(optimizer, "constant", 2), settings, tmp_path, Records(), {},
           backend=NewOptimizer())
     assert float(task.model.w) == pytest.approx(1 - 0.01 * 1 - 0.01 * 2)  # micro-batches 1 and 2
+
+
+class Misconfigured(SingleProcessBackend):
+    plugin_name = "picky"
+
+    def wrap(self, model, optimizer, plan):
+        raise ValueError("file says 4, --ga-steps says 1")
+
+
+def test_a_backend_refusing_its_configuration_is_a_one_line_error_naming_the_flag(tmp_path: Path) -> None:
+    task = Linear()
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    with pytest.raises(TrainError, match=r"^--distributed-backend picky: file says 4, --ga-steps says 1$"):
+        train(task, Numbers(), optimizer, Schedule(optimizer, "constant", 2),
+              LoopSettings(Precision("fp32", CPU), max_steps=2), tmp_path, Records(), {},
+              backend=Misconfigured())

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from dalle_core.backends import SingleProcessBackend
 from dalle_core.interfaces import DistributedBackend, StepPlan
+from dalle_train.choices import as_train_error
 from dalle_train.errors import TrainError
 from dalle_train.training.checkpoints import new_staging_dir, remove_partial, save_checkpoint, staging_dir
 from dalle_train.training.layout import CHECKPOINTS, ENGINE_STATE, step_dir
@@ -150,7 +151,9 @@ def train(
             raise TrainError(f"the checkpoint is at step {step} and this run stops at step {total}: "
                              f"raise --max-steps or --epochs to train further")
     device, model_class = next(model.parameters()).device, type(model)  # a backend may change its class
-    task.wrapped, optimizer = backend.wrap(model, optimizer, settings.plan())
+    # a backend's configuration (a DeepSpeed file contradicting the flags) is checked here
+    task.wrapped, optimizer = as_train_error(f"--distributed-backend {backend.plugin_name}",
+                                             lambda: backend.wrap(model, optimizer, settings.plan()))
     schedule.optimizer = optimizer  # a backend may return another optimizer (Horovod's, DeepSpeed's)
     if resume is not None:
         _resume_optimizer(resume, resume_dir, backend, optimizer)
