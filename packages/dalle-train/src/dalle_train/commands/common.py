@@ -55,7 +55,7 @@ def add_run_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
     add_flag(group, "--deepspeed", action="store_true",
              help="upstream spelling of --distributed-backend deepspeed")
     add_flag(group, "--zero-stage", type=int, choices=(1, 2, 3), metavar="N",
-             help="deepspeed: ZeRO stage 1, 2 or 3; stage 1 when not given")
+             help="deepspeed: ZeRO stage 1, 2 or 3; when not given, the --deepspeed-config file's, else 1")
     add_flag(group, "--offload", action="store_true", help="deepspeed: keep the optimizer's state on the CPU")
     add_flag(group, "--deepspeed-config", type=Path, metavar="FILE.json",
              help="deepspeed: a configuration merged with what the flags say (a conflict is an error)")
