@@ -11,7 +11,8 @@
   under ``none`` in 1 process and under ZeRO-3 (another stage: DeepSpeed's files are refused, the
   ordinary checkpoint is used); a run of ``none`` continues under ZeRO-1;
 - a configuration file that contradicts the flags is an error listing every conflict;
-- a process killed with SIGKILL ends the whole run within a bounded time.
+- a process killed with SIGKILL ends the whole run within a bounded time;
+- two torchrun launchers as two "nodes" rendezvousing on 127.0.0.1 train ZeRO-2 as one run.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import (
+    TORCHRUN,
     assert_close_weights,
     dalle,
     deepspeed_command,
     deepspeed_run,
+    free_port,
     launch,
     losses,
     needs_deepspeed,
@@ -332,3 +335,17 @@ def test_the_deepspeed_launchers_own_command_line(tmp_path: Path, vae_dir: Path)
         "--deepspeed",
     ]
     assert "done: step 1" in ok(launch(command))
+
+
+def test_two_nodes_on_loopback_train_as_one_run(tmp_path: Path, vae_dir: Path) -> None:
+    nodes, one = tmp_path / "nodes", tmp_path / "one"
+    args = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "loopback", "-m", "dalle_train",
+            *dalle(nodes, vae_dir, "--batch-size", "2", "--max-steps", "3"), "--deepspeed",
+            "--zero-stage", "2"]
+    launchers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+    outputs = [launcher.communicate(timeout=240)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], [o[-3000:] for o in outputs]
+    one_process(dalle(one, vae_dir, "--batch-size", "4", "--max-steps", "3"))
+    assert_close_weights(nodes / "checkpoints/step-3", one / "checkpoints/step-3", atol=ATOL)
