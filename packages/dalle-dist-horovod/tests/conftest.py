@@ -64,8 +64,9 @@ def vae(out: Path, *extra: str) -> list[str]:
     return ["vae", *SHAPES, *TINY_VAE, "--log-every", "1", "--output-dir", str(out), *extra]
 
 
-def horovodrun_command(args: list[str], processes: int = 2) -> list[str]:
-    return [str(HOROVODRUN), "-np", str(processes), "-H", f"localhost:{processes}", "--gloo",
+def horovodrun_command(args: list[str], processes: int = 2, hosts: str | None = None) -> list[str]:
+    """``hosts``: horovodrun's ``-H`` (default ``localhost:<processes>``)."""
+    return [str(HOROVODRUN), "-np", str(processes), "-H", hosts or f"localhost:{processes}", "--gloo",
             sys.executable, "-m", "dalle_train", *args, "--distributed-backend", "horovod"]
 
 
@@ -73,10 +74,11 @@ def environment() -> dict[str, str]:
     return {**os.environ, **WORKER_ENV}
 
 
-def horovodrun(args: list[str], processes: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
+def horovodrun(args: list[str], processes: int = 2, timeout: float = 180, hosts: str | None = None
+               ) -> subprocess.CompletedProcess:
     """``horovodrun -np N -H localhost:N --gloo python -m dalle_train ARGS --distributed-backend
-    horovod``."""
-    return subprocess.run(horovodrun_command(args, processes), capture_output=True, text=True,
+    horovod`` (``hosts``: another ``-H``)."""
+    return subprocess.run(horovodrun_command(args, processes, hosts), capture_output=True, text=True,
                           timeout=timeout, env=environment())
 
 

@@ -10,6 +10,7 @@
   and in 2 ddp processes (``torchrun``): the optimizer's state and the learning-rate schedule
   survive the change of backend;
 - the VAE command trains under horovod too;
+- two "hosts" of one slot each (``-H localhost:1,127.0.0.1:1``) train as one run;
 - a process killed with SIGKILL ends the whole run, non-zero, within a bounded time;
 - SIGTERM to horovodrun reaches every process: they agree on a step, save it and stop, and the
   run resumes from it.
@@ -94,6 +95,14 @@ def test_accumulated_and_clipped_gradients_are_averaged_before_clipping(tmp_path
     one_process(dalle(one, vae_dir, "--batch-size", "2", *steps))
     assert_close_weights(two / "checkpoints/step-3", one / "checkpoints/step-3", atol=1e-5)
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+
+
+def test_two_hosts_on_loopback_train_as_one_run(tmp_path: Path, vae_dir: Path) -> None:
+    hosts, one = tmp_path / "hosts", tmp_path / "one"
+    two_hosts = "localhost:1,127.0.0.1:1"
+    ok(horovodrun(dalle(hosts, vae_dir, "--batch-size", "2", "--max-steps", "3"), hosts=two_hosts))
+    one_process(dalle(one, vae_dir, "--batch-size", "4", "--max-steps", "3"))
+    assert_close_weights(hosts / "checkpoints/step-3", one / "checkpoints/step-3", atol=1e-5)
 
 
 def test_the_vae_trains_under_horovod(tmp_path: Path) -> None:
