@@ -112,3 +112,14 @@ def test_brute_force_rules_by_hand():
     assert mask_col[at(1, 2), at(0, 2)] and not mask_col[at(1, 2), at(1, 0)]
     assert mask_conv[at(2, 1), at(1, 0)] and not mask_conv[at(2, 1), at(0, 1)]
     assert all(mask_row[at(2, 1), :2]) and not mask_row[0, 1]  # text: all of it, causally
+
+
+def test_a_process_among_several_gets_the_gpu_of_its_local_rank(monkeypatch) -> None:
+    from dalle_core.backends import local_device
+
+    current: list[object] = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert local_device(torch.device("cpu"), 3) == torch.device("cpu") and current == []
+    assert local_device(torch.device("cuda"), 3) == torch.device("cuda", 3)
+    assert local_device(torch.device("cuda", 0), 1) == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 3), torch.device("cuda", 1)]

@@ -38,3 +38,14 @@ class SingleProcessBackend(DistributedBackend):
 
     def average(self, tensor: Tensor) -> Tensor:
         return tensor.detach().clone()
+
+
+def local_device(requested: torch.device, local_rank: int) -> torch.device:
+    """The device of a process among several on one machine: ``cuda:<local_rank>`` (made the
+    current CUDA device) when a CUDA device is asked for, else ``requested``. For backends that
+    run one process per GPU (`DistributedBackend.device`)."""
+    if requested.type != "cuda":
+        return requested
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device

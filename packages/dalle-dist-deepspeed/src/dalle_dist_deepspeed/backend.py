@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dalle_core.backends import local_device
 from dalle_core.interfaces import DistributedBackend, StepPlan
 from dalle_dist_deepspeed import engine_state, optimizer_state
 from dalle_dist_deepspeed.config import build_config, offloads_optimizer, read_config_file, resolve_zero_stage
@@ -121,11 +122,7 @@ class DeepSpeedBackend(DistributedBackend):
         from deepspeed.accelerator import get_accelerator
 
         accelerator = get_accelerator().device_name()
-        if requested.type == "cuda":
-            self._device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self._device)
-        else:
-            self._device = requested
+        self._device = local_device(requested, self.local_rank)
         if self._device.type != accelerator:
             raise RuntimeError(
                 f"--device {requested}: DeepSpeed trains on its accelerator, {accelerator!r}; "

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dalle_core.backends import local_device
 from dalle_core.interfaces import DistributedBackend, StepPlan
 
 LAUNCH_HINT = (
@@ -81,11 +82,7 @@ class HorovodBackend(DistributedBackend):
 
     def device(self, requested: torch.device) -> torch.device:
         """``cuda:<local_rank>`` when a CUDA device is asked for, else ``requested``."""
-        if requested.type == "cuda":
-            self._device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self._device)
-        else:
-            self._device = requested
+        self._device = local_device(requested, self.local_rank)
         return self._device
 
     def barrier(self) -> None:

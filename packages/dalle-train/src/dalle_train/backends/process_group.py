@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dalle_core.backends import local_device
 from dalle_core.interfaces import DistributedBackend
 
 #: what torchrun (and torch.distributed's env:// rendezvous) sets for every process
@@ -58,11 +59,7 @@ class ProcessGroupBackend(DistributedBackend):
 
     def device(self, requested: torch.device) -> torch.device:
         """``cuda:<local_rank>`` when a CUDA device is asked for, else the CPU."""
-        if requested.type == "cuda":
-            self._device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self._device)
-        else:
-            self._device = requested
+        self._device = local_device(requested, self.local_rank)
         return self._device
 
     def barrier(self) -> None:
