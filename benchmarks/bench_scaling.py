@@ -4,6 +4,7 @@ installed (DeepSpeed once per ZeRO stage), measured in one run.
 
     python benchmarks/bench_scaling.py            # writes benchmarks/scaling.md and scaling.json
     python benchmarks/bench_scaling.py --steps 20 --repeats 1 --no-write   # a quick look
+    python benchmarks/bench_scaling.py --backends horovod --env HOROVOD_CYCLE_TIME=5 --no-write
 
 Config A as in `bench_core.py` (dim 256, depth 4, 8 heads of 32, 64 text tokens, 64 px images
 and 8 x 8 = 64 image codes from a DiscreteVAE encoded inside each step), trained by the real
@@ -12,6 +13,10 @@ its batch, so 2 processes train 16 samples per optimizer step). The one-process 
 each backend run in turns, ``--repeats`` times; each figure is the median. A run's rate is read
 from its own metrics: samples over seconds between its first logged step (after warm-up) and
 its last, so start-up, the first steps and the final save are not counted.
+
+The run also times the collective itself (`allreduce_probe.py`): a blocking average of as many
+floats as config A trains, over 2 processes of 1 thread, through torch.distributed's gloo and,
+when installed, Horovod's, so a backend's scaling can be read against what its allreduce costs.
 """
 
 from __future__ import annotations
@@ -71,13 +76,13 @@ def steady_rate(metrics: Path) -> float:
     return (k - j) / (k / r_k - j / r_j)
 
 
-def train(out: Path, vae: Path, steps: int, backend: str) -> float:
-    """One run; returns its steady samples/s."""
+def train(out: Path, vae: Path, steps: int, backend: str, extra_env: dict[str, str]) -> float:
+    """One run (``extra_env`` added to its environment); returns its steady samples/s."""
     args = ["dalle", "--dataset", "shapes", "--dataset-size", "2048", "--vae-path", str(vae), *CONFIG_A,
             "--batch-size", str(BATCH), "--max-steps", str(steps), "--log-every", str(steps // 4),
             "--sample-every", "0", "--save-every-n-steps", str(steps), "--threads", "1",
             "--output-dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     if backend == "none":
         command = [sys.executable, "-m", "dalle_train", *args]
     else:
@@ -89,6 +94,19 @@ def train(out: Path, vae: Path, steps: int, backend: str) -> float:
     return steady_rate(out / "metrics.jsonl")
 
 
+def allreduce_ms(library: str, extra_env: dict[str, str]) -> list[float]:
+    """Milliseconds per allreduce of config A's gradient size through ``library``'s gloo, one
+    figure per repeat of `allreduce_probe.py`."""
+    probe = [str(HERE / "allreduce_probe.py"), library]
+    command = [*TORCHRUN, *probe] if library == "torch" else [*HOROVODRUN, *probe]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    reports = [line[line.index("{"):] for line in result.stdout.splitlines() if '"library"' in line]
+    if result.returncode or not reports:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return json.loads(reports[0])["ms"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
@@ -96,8 +114,11 @@ def main() -> None:
     installed = [name for name, (module, _, _) in CASES.items() if importlib.util.find_spec(module)]
     parser.add_argument("--backends", default=",".join(installed),
                         help=f"comma-separated cases of {', '.join(CASES)} (default: those installed here)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="set in every run's environment (an engine's tuning variable); repeatable")
     parser.add_argument("--no-write", action="store_true", help="print only")
     options = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in options.env)
     backends = [b for b in options.backends.split(",") if b]
     rates: dict[str, list[float]] = {name: [] for name in ("none", *backends)}
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -105,9 +126,11 @@ def main() -> None:
         vae = make_vae(Path(scratch) / "vae")
         for repeat in range(options.repeats):
             for name in rates:
-                rate = train(Path(scratch) / f"{name}-{repeat}", vae, options.steps, name)
+                rate = train(Path(scratch) / f"{name}-{repeat}", vae, options.steps, name, extra_env)
                 rates[name].append(rate)
                 print(f"{name} run {repeat + 1}: {rate:.1f} samples/s", flush=True)
+        allreduce = {library: allreduce_ms(library, extra_env) for library in ("torch", "horovod")
+                     if library == "torch" or "horovod" in backends}
     baseline = statistics.median(rates["none"])
     rows = [{"backend": name, "processes": 1 if name == "none" else 2, "runs": values,
              "samples_per_s": statistics.median(values), "scaling": statistics.median(values) / baseline}
@@ -118,6 +141,7 @@ def main() -> None:
         "python": platform.python_version(),
         "command": " ".join(["python benchmarks/bench_scaling.py", *sys.argv[1:]]),
         "steps": options.steps, "repeats": options.repeats, "batch_per_process": BATCH, "rows": rows,
+        "allreduce_ms": allreduce,
     }
     lines = [
         "# Data-parallel scaling (CPU)", "",
@@ -136,6 +160,14 @@ def main() -> None:
         runs = ", ".join(f"{r:.1f}" for r in row["runs"])
         lines.append(f"| {row['backend']} | {row['processes']} | {row['samples_per_s']:.1f} ({runs}) | "
                      f"{row['scaling']:.2f}x | {target} |")
+    torch_ms = statistics.median(allreduce["torch"])
+    lines += ["", "A blocking allreduce (average) of 4,639,555 floats (config A's trained weights), "
+              "2 processes of 1 thread, 20 calls a repeat, median of 3 repeats (`allreduce_probe.py`):", "",
+              "| library | ms per allreduce (repeats) | vs torch gloo |", "|---|---|---:|"]
+    for library, figures in allreduce.items():
+        median = statistics.median(figures)
+        runs = ", ".join(f"{ms:.1f}" for ms in figures)
+        lines.append(f"| {library} gloo | {median:.1f} ({runs}) | {median / torch_ms:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not options.no_write:

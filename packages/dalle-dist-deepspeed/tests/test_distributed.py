@@ -44,6 +44,7 @@ from conftest import (
     weights,
 )
 
+from dalle_core.testing.processes import worker_rank, workers
 from dalle_train import cli
 
 pytestmark = [needs_deepspeed, pytest.mark.slow]
@@ -254,40 +255,6 @@ def test_a_conflicting_configuration_file_lists_every_conflict(
     assert not dist.is_initialized()  # the run left the process group
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def rank_of(pid: int) -> int | None:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-    return int(values[b"RANK"]) if b"RANK" in values else None
-
-
-def workers(pid: int) -> dict[int, int]:
-    """rank -> pid of the training processes under the launcher ``pid`` (any depth)."""
-    found, todo = {}, [pid]
-    while todo:
-        for child in children(todo.pop()):
-            rank = rank_of(child)
-            if rank is not None and b"dalle_train" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found[rank] = child
-            todo.append(child)
-    return found
-
-
 def test_a_killed_process_ends_the_run(tmp_path: Path, vae_dir: Path) -> None:
     out = tmp_path / "killed"
     launcher = subprocess.Popen(
@@ -319,7 +286,7 @@ def test_a_killed_process_ends_the_run(tmp_path: Path, vae_dir: Path) -> None:
     assert launcher.returncode != 0
     assert ended_after < 60, f"the run went on for {ended_after:.0f} s after a process was killed"
     assert "exits with return code = -9" in output, output[-3000:]
-    assert all(rank_of(pid) is None for pid in ranks.values())  # no process left behind
+    assert all(worker_rank(pid) is None for pid in ranks.values())  # no process left behind
 
 
 def test_the_deepspeed_launchers_own_command_line(tmp_path: Path, vae_dir: Path) -> None:

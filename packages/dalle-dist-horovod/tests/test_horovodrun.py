@@ -41,6 +41,8 @@ from conftest import (
     vae,
 )
 
+from dalle_core.testing.processes import worker_rank, workers
+
 pytestmark = requires_horovod
 
 
@@ -113,38 +115,6 @@ def test_the_vae_trains_under_horovod(tmp_path: Path) -> None:
     assert list(losses(out)) == [1, 2]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def horovod_rank(pid: int) -> int | None:
-    """``HOROVOD_RANK`` of a Python worker process, None for any other process."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-    argv = command.split(b"\0")
-    if b"HOROVOD_RANK" not in values or not Path(argv[0].decode()).name.startswith("python") \
-            or b"dalle_train" not in argv:
-        return None
-    return int(values[b"HOROVOD_RANK"])
-
-
 def start_long_run(out: Path, vae_dir: Path) -> subprocess.Popen:
     """A run of 2 processes that would go on for hours, once it has logged its first step (in
     its own process group, so that a failed test can end all of it)."""
@@ -166,10 +136,9 @@ def test_a_killed_process_ends_the_run(tmp_path: Path, vae_dir: Path) -> None:
     out = tmp_path / "killed"
     launcher = start_long_run(out, vae_dir)
     try:
-        workers = {horovod_rank(pid): pid for pid in descendants(launcher.pid)}
-        workers.pop(None, None)
-        assert sorted(workers) == [0, 1], workers
-        os.kill(workers[1], signal.SIGKILL)
+        ranks = workers(launcher.pid, "HOROVOD_RANK")
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGKILL)
         killed_at = time.monotonic()
         output = launcher.communicate(timeout=120)[0]
         ended_after = time.monotonic() - killed_at
@@ -181,7 +150,7 @@ def test_a_killed_process_ends_the_run(tmp_path: Path, vae_dir: Path) -> None:
     assert "Process name: 1\nExit code: 137" in output, output[-3000:]  # horovodrun names the killed one
     assert ended_after < 60, f"the run went on for {ended_after:.0f} s after a process was killed"
     time.sleep(1)
-    assert all(horovod_rank(pid) is None for pid in workers.values()), "a worker outlived the run"
+    assert all(worker_rank(pid, "HOROVOD_RANK") is None for pid in ranks.values()), "a worker outlived"
 
 
 def test_sigterm_to_horovodrun_saves_a_checkpoint_and_the_run_resumes(tmp_path: Path, vae_dir: Path) -> None:
