@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import losses, weights
+from shard_writer import img2dataset_shards
 
+from dalle_core.testing.processes import worker_rank, workers
 from dalle_train import cli
 
 SHAPES = ["--dataset", "shapes", "--dataset-size", "64", "--threads", "1", "--sample-every", "0"]
@@ -99,6 +101,29 @@ def test_two_processes_at_b_are_one_process_at_2b_and_resume_across_world_sizes(
         assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-2])["step"] == 4
 
 
+@pytest.mark.slow
+def test_two_processes_read_their_own_shards_and_resume_exactly(tmp_path: Path, vae_dir: Path) -> None:
+    shards = tmp_path / "shards"
+    img2dataset_shards(shards, shards=4, per_shard=10)  # 8 samples a shard, one reader a shard
+    wds = ["--wds", "jpg,txt", "--image-text-folder", str(shards), "--batch-size", "2", "--num-workers", "2",
+           "--lr-schedule", "constant"]
+
+    def run(out: Path, *extra: str) -> str:
+        args = ["dalle", *TINY, *wds, "--threads", "1", "--sample-every", "0", "--vae-path", str(vae_dir),
+                "--output-dir", str(out), *extra]
+        return ok(torchrun(args))
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight, "--max-steps", "5")
+    run(resumed, "--max-steps", "3")
+    state = torch.load(resumed / "checkpoints/step-3/training/state.pt", weights_only=True)
+    positions = [data["positions"] for data in state["data_by_rank"]]
+    assert [sorted(p) for p in positions] == [["0", "1"], ["2", "3"]]  # rank r: readers 2r, 2r + 1
+    run(resumed, "--resume", "--max-steps", "5")
+    assert_close_weights(resumed / "checkpoints/step-5", straight / "checkpoints/step-5", atol=0)
+    assert losses(resumed) == losses(straight)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -121,34 +146,13 @@ def test_two_nodes_on_loopback_train_as_one_run(tmp_path: Path, vae_dir: Path) -
     assert_close_weights(nodes / "checkpoints/step-3", one / "checkpoints/step-3", atol=1e-6)
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def rank_of(pid: int) -> int | None:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-    return int(values[b"RANK"]) if b"RANK" in values else None
-
-
 @pytest.mark.slow
 def test_a_killed_process_ends_the_run(tmp_path: Path, vae_dir: Path) -> None:
     launcher = start_long_run(tmp_path / "killed", vae_dir)
     try:
-        workers = {rank_of(pid): pid for pid in children(launcher.pid)}
-        os.kill(workers[1], signal.SIGKILL)
+        ranks = workers(launcher.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGKILL)
         killed_at = time.monotonic()
         output = launcher.communicate(timeout=90)[0]
         ended_after = time.monotonic() - killed_at
@@ -158,7 +162,7 @@ def test_a_killed_process_ends_the_run(tmp_path: Path, vae_dir: Path) -> None:
     assert launcher.returncode != 0
     assert ended_after < 60, f"the run went on for {ended_after:.0f} s after a process was killed"
     assert "Signal 9 (SIGKILL)" in output or "exitcode  : -9" in output, output[-3000:]
-    assert all(rank_of(pid) is None for pid in workers.values())  # no process left behind
+    assert all(worker_rank(pid) is None for pid in ranks.values())  # no process left behind
 
 
 #: put on PYTHONPATH: in the process of rank 1 only, the optimizer's third step raises

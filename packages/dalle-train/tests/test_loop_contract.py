@@ -383,13 +383,15 @@ def test_rates_are_samples_over_the_seconds_so_far(tmp_path: Path, monkeypatch, 
 
 class SecondOfTwo(SingleProcessBackend):
     """Rank ``rank`` of two, in this process: the other process's objects are ``other`` (by
-    default this one's); records barriers, accumulation boundaries and backward calls; ``stop_at``:
-    the step at which `any` says that some process was asked to stop."""
+    default this one's, with its data position ``other_data`` when given); records barriers,
+    accumulation boundaries and backward calls; ``stop_at``: the step at which `any` says that
+    some process was asked to stop."""
 
     plugin_name = "two"
 
-    def __init__(self, rank: int = 1, other: Any = None, stop_at: int | None = None) -> None:
-        self._rank, self.other, self.stop_at = rank, other, stop_at
+    def __init__(self, rank: int = 1, other: Any = None, stop_at: int | None = None,
+                 other_data: Any = None) -> None:
+        self._rank, self.other, self.stop_at, self.other_data = rank, other, stop_at, other_data
         self.barriers, self.syncs, self.backwards, self.asked = 0, [], 0, 0
 
     world_size = 2
@@ -414,7 +416,10 @@ class SecondOfTwo(SingleProcessBackend):
         return flag or self.asked == self.stop_at
 
     def gather_object(self, obj: Any) -> list[Any]:
-        mine = [obj, self.other if self.other is not None else obj]
+        other = self.other if self.other is not None else obj
+        if self.other_data is not None:  # the loop gathers (generators, weights, data position)
+            other = (*other[:2], self.other_data)
+        mine = [obj, other]
         return mine if self._rank == 0 else mine[::-1]
 
 
@@ -459,7 +464,7 @@ def test_the_root_saves_every_process_generators_and_checks_their_weights(tmp_pa
     task = Linear()
     settings = LoopSettings(Precision("fp32", CPU), max_steps=2, save_every=2)
     optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
-    backend = SecondOfTwo(rank=0, other=(other_rng, [2.0]))  # another weight than this process's
+    backend = SecondOfTwo(rank=0, other=(other_rng, [2.0], {"position": 2}))  # another weight than this one's
     message = (r"^at step 2 the weights of process\(es\) \[1\] differ from process 0's: the two backend did "
                r"not keep them in step; nothing was saved$")
     with pytest.raises(TrainError, match=message):
@@ -478,6 +483,44 @@ def test_the_root_saves_every_process_generators_and_checks_their_weights(tmp_pa
     assert state["rng"]["python"] == state[loop.RNG_BY_RANK][0]["python"]
     single = two_steps(Linear(), tmp_path / "c")
     assert loop.RNG_BY_RANK not in single  # one process: as before
+    assert loop.DATA_BY_RANK not in state  # both processes are at the same data position
+
+
+class Positions(Numbers):
+    """`Numbers` whose position is saved as this process's (streamed shards are one per process)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+        self.loaded: list[dict[str, int]] = []
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "rank": self.rank}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.loaded.append(state)
+        super().load_state_dict(state)
+
+
+def test_differing_data_positions_are_saved_by_rank_and_each_process_resumes_its_own(tmp_path: Path) -> None:
+    settings = LoopSettings(Precision("fp32", CPU), max_steps=2, save_every=2)
+    task = Linear()
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    backend = SecondOfTwo(rank=0, other_data={"position": 7, "rank": 1})
+    train(task, Positions(0), optimizer, Schedule(optimizer, "constant", 2), settings, tmp_path, Records(),
+          {}, backend=backend)
+    state = load_state(tmp_path / CHECKPOINTS / "step-2")
+    assert state[loop.DATA_BY_RANK] == [{"position": 2, "rank": 0}, {"position": 7, "rank": 1}]
+    assert state["data"] == state[loop.DATA_BY_RANK][0]
+    for backend, expected in ((SecondOfTwo(rank=1), {"position": 7, "rank": 1}),  # its own
+                              (SingleProcessBackend(), {"position": 2, "rank": 0})):  # another world: "data"
+        data = Positions(1)
+        task = Linear()
+        optimizer = torch.optim.SGD(task.model.parameters(), lr=0.01)
+        later = LoopSettings(Precision("fp32", CPU), max_steps=3, save_every=100)
+        train(task, data, optimizer, Schedule(optimizer, "constant", 3), later, tmp_path / "again", Records(),
+              {}, state, backend=backend)
+        assert data.loaded == [expected]
 
 
 def test_every_process_stops_when_any_is_asked_to(tmp_path: Path) -> None:

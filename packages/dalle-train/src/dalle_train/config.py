@@ -57,8 +57,11 @@ class Section:
 
     @classmethod
     def from_args(cls: type[S], args: argparse.Namespace) -> S:
-        """The section from argparse's namespace: each field from the flag of its name."""
-        return cls(**{item.name: getattr(args, item.name) for item in fields(cls)})  # type: ignore[arg-type]
+        """The section from argparse's namespace: each field from the flag of its name (a field
+        with a default may be missing: flags of runs saved before it existed)."""
+        values = {item.name: getattr(args, item.name) for item in fields(cls)  # type: ignore[arg-type]
+                  if hasattr(args, item.name) or item.default is dataclasses.MISSING}
+        return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
         """Field -> JSON value (paths as strings)."""
@@ -249,9 +252,26 @@ class CaptionedData(Data):
     """Image-text pairs (``dalle``, ``clip``): a folder or a built-in dataset."""
 
     folder_flag: ClassVar[str] = "--image-text-folder"
-    image_text_folder: Path | None = option(fixed=True)
+    #: a folder; with ``wds``, shards (a file, folder, brace-expanded list or URL, as given)
+    image_text_folder: str | None = option(fixed=True)
     random_resize_crop_lower_ratio: float = 0.75
     truncate_captions: bool = False
+    #: ``--wds IMAGE_KEY,CAPTION_KEY``: the folder names WebDataset shards; None: a folder of files
+    wds: str | None = option(None, fixed=True)
+    wds_caption_field: str = "caption"
+    resample_shards: bool = False
+    #: ``--tokens DIR``: pre-encoded shards (``dalle-train encode``) instead of images
+    tokens: str | None = option(None, fixed=True)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CaptionedData:
+        """As `Section.from_args`, with a folder's path in its normal form (``data/`` is
+        ``data``) and a URL as written."""
+        section = super().from_args(args)
+        source = section.image_text_folder
+        if source is not None and "://" not in source and not source.startswith("pipe:"):
+            section = dataclasses.replace(section, image_text_folder=str(Path(source)))
+        return section
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The dataset a training command reads, from its flags: a folder or ``--dataset shapes``."""
+"""The dataset a training command reads, from its flags: a folder, WebDataset shards
+(``--wds``) or ``--dataset shapes``."""
 
 from __future__ import annotations
 
@@ -10,16 +11,49 @@ from dalle_train.config import CaptionedData, Data, ImageData, Optimization
 from dalle_train.data.folder import ImageFolder, ImageTextFolder
 from dalle_train.data.loader import Batches
 from dalle_train.data.report import SkipReport
+from dalle_train.data.sample import Sample
+from dalle_train.data.scan import check_folder
 from dalle_train.data.shapes import ShapesDataset
+from dalle_train.data.shards import ShardList, resolve, shard_list
+from dalle_train.data.stream import PixelDecoder, ShardStream, StreamBatches, WdsKeys
+from dalle_train.data.tokens import CodeDecoder, check_vae, read_manifest
 from dalle_train.errors import TrainError
 
 
 def _source(data: Data) -> str:
-    if data.folder is not None and data.dataset:
-        raise TrainError(f"{data.folder_flag} and --dataset {data.dataset} both name a dataset: give one")
-    if data.folder is None and not data.dataset:
+    tokens = getattr(data, "tokens", None)
+    sources = {data.folder_flag: data.folder, f"--dataset {data.dataset}": data.dataset, "--tokens": tokens}
+    named = [flag for flag, value in sources.items() if value]
+    if len(named) > 1:
+        raise TrainError(f"{' and '.join(named)} both name a dataset: give one")
+    if not named:
         raise TrainError(f"no data: give {data.folder_flag} DIR or --dataset shapes (built in, no download)")
-    return "shapes" if data.dataset else "folder"
+    wds = getattr(data, "wds", None)
+    if tokens:
+        if wds:
+            raise TrainError("--tokens reads the shards of dalle-train encode, which need no --wds: drop it")
+        return "tokens"
+    if data.dataset and wds:
+        raise TrainError(f"--wds reads shards named by {data.folder_flag}, not --dataset {data.dataset}")
+    if getattr(data, "resample_shards", False) and not wds:
+        raise TrainError("--resample-shards draws WebDataset shards: it needs --wds (or --tokens)")
+    return "shapes" if data.dataset else "shards" if wds else "folder"
+
+
+def check_source(data: Data) -> None:
+    """That the data's folder or shards exist (a `TrainError` saying what is wrong), before
+    anything slow or remote (a pretrained VAE's download) starts."""
+    source = _source(data)
+    if source == "folder":
+        captions = " with .txt captions" if isinstance(data, CaptionedData) else ""
+        check_folder(data.folder, "images" + captions)
+    elif source == "shards":
+        assert isinstance(data, CaptionedData) and data.wds is not None
+        WdsKeys.parse(data.wds, data.wds_caption_field)
+        resolve(str(data.folder))
+    elif source == "tokens":
+        assert isinstance(data, CaptionedData) and data.tokens is not None
+        read_manifest(Path(data.tokens))
 
 
 def _shapes(data: Data, seed: int, image_size: int, channels: int) -> ShapesDataset:
@@ -36,10 +70,41 @@ def _announce(dataset: Any, what: str, report: SkipReport) -> None:
     print(f"{len(dataset)} {what} in {dataset.root}{skipped}")
 
 
-def captioned_dataset(data: CaptionedData, seed: int, image_size: int, channels: int) -> Any:
-    """``--image-text-folder`` or ``--dataset shapes``, at the model's image size."""
-    if _source(data) == "shapes":
+def _token_stream(folder: Path, seed: int, vae: Any, resample: bool) -> ShardStream:
+    """The pre-encoded shards of ``folder`` (``--tokens``), checked against ``vae``."""
+    manifest = read_manifest(folder)
+    check_vae(manifest, vae, folder)
+    names = [shard["name"] for shard in manifest["shards"]]
+    shards = ShardList(str(folder), tuple(str(folder / name) for name in names),
+                       tuple(int(shard["samples"]) for shard in manifest["shards"]))
+    resolve("::".join(shards.urls))  # every shard the manifest lists is there
+    print(f"{manifest['samples']} pre-encoded samples in {len(names)} shards in {folder} "
+          f"({manifest['image_seq_len']} codes each, VAE {manifest['vae']['name']})")
+    decode = CodeDecoder(int(manifest["image_seq_len"]), seed)
+    return ShardStream(shards, decode, seed=seed, resample=resample)
+
+
+def captioned_dataset(data: CaptionedData, seed: int, image_size: int, channels: int, vae: Any = None) -> Any:
+    """``--image-text-folder`` (a folder, or shards with ``--wds``), ``--dataset shapes`` or
+    ``--tokens`` (pre-encoded by ``vae``, the model's), at the model's image size. Shards are
+    a `ShardStream` that `make_batches` splits."""
+    source = _source(data)
+    if source == "shapes":
         return _shapes(data, seed, image_size, channels)
+    if source == "tokens":
+        if vae is None:
+            raise TrainError("--tokens holds image codes for DALLE: this command needs images")
+        assert data.tokens is not None
+        return _token_stream(Path(data.tokens), seed, vae, data.resample_shards)
+    if source == "shards":
+        assert data.wds is not None and data.image_text_folder is not None
+        keys = WdsKeys.parse(data.wds, data.wds_caption_field)
+        shards = shard_list(data.image_text_folder)
+        samples = "unknown" if shards.samples is None else str(shards.samples)
+        print(f"{len(shards)} shards of {samples} samples in {data.image_text_folder} "
+              f"(images: {';'.join(keys.image)}, captions: {keys.caption})")
+        decode = PixelDecoder(keys, image_size, channels, data.random_resize_crop_lower_ratio, seed)
+        return ShardStream(shards, decode, seed=seed, resample=data.resample_shards)
     report = SkipReport()
     dataset = ImageTextFolder(Path(data.image_text_folder), image_size, channels,
                               data.random_resize_crop_lower_ratio, seed=seed, report=report)
@@ -75,6 +140,14 @@ class Part:
         return self.load(index, 0)
 
 
+def first_samples(dataset: Any, count: int) -> list[Sample]:
+    """The first ``count`` usable samples of ``dataset`` (of its first shards for a stream)."""
+    if isinstance(dataset, ShardStream):
+        return dataset.first_samples(count)
+    samples = (dataset[index] for index in range(min(len(dataset), count)))
+    return [sample for sample in samples if sample is not None]
+
+
 def split_held_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
     """The dataset without its last ``count`` items, and those items (epoch 0, usable ones)."""
     count = max(0, min(count, len(dataset) // 5))
@@ -84,11 +157,13 @@ def split_held_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
 
 
 def make_batches(dataset: Any, optim: Optimization, data: Data,
-                 backend: DistributedBackend | None = None) -> Batches:
+                 backend: DistributedBackend | None = None) -> Batches | StreamBatches:
     """Shuffled (with the run's seed), resumable micro-batches of ``--batch-size`` per process,
     read by ``--num-workers`` processes; each process of a distributed ``backend`` reads its
-    slice of every global batch."""
+    slice of every global batch (of a stream: its own shards)."""
     rank, world_size = (backend.rank, backend.world_size) if backend is not None else (0, 1)
+    if isinstance(dataset, ShardStream):
+        return StreamBatches(dataset.split(optim.batch_size, rank, world_size), data.num_workers)
     if len(dataset) < optim.batch_size * world_size:
         processes = f" x {world_size} processes" if world_size > 1 else ""
         raise TrainError(

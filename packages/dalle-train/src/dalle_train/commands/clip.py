@@ -23,6 +23,7 @@ from dalle_train.commands.common import (
 )
 from dalle_train.config import CaptionedData, Section, TrainConfig, option
 from dalle_train.datasets import captioned_dataset, make_batches, split_held_out
+from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.tasks.clip import ClipTask
 
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     """Train; returns the exit code."""
     run_ = prepare_run(ClipConfig.from_args(args))
     config = run_.config
+    if config.data.wds or config.data.tokens:
+        raise TrainError("dalle-train clip reads folders (and --dataset shapes), not --wds or --tokens "
+                         "shards yet: convert --wds shards with dalle-train shards, or train DALLE from them")
     if run_.resume_from is not None:
         model = load_model(CLIP, run_.resume_from)
         tokenizer = load_tokenizer(run_.out / TOKENIZER_DIR)

@@ -97,9 +97,13 @@ def add_training_flags(parser: argparse.ArgumentParser, *, batch_size: int, lear
 def add_data_flags(parser: argparse.ArgumentParser, *, folder_flag: str, captions: bool) -> None:
     """The data source: a folder (``--image-folder`` / ``--image-text-folder``) or a built-in set."""
     group = parser.add_argument_group("data")
-    add_flag(group, folder_flag, type=Path,
-             help="images paired with .txt captions of the same name, nested at any depth"
-             if captions else "images, flat or nested (no class subfolders needed)")
+    if captions:
+        add_flag(group, folder_flag,
+                 help="images paired with .txt captions of the same name, nested at any depth; with --wds, "
+                      "WebDataset shards: a .tar or .tar.gz, a folder of them, a brace-expanded list "
+                      "(/data/shard-{0000..0099}.tar, http://host/shard-{000..099}.tar) or a pipe: command")
+    else:
+        add_flag(group, folder_flag, type=Path, help="images, flat or nested (no class subfolders needed)")
     add_flag(group, "--dataset", choices=("shapes",), help="a built-in dataset instead of a folder")
     add_flag(group, "--dataset-size", type=int, default=4000, help="pictures of --dataset shapes")
     add_flag(group, "--transparent", action="store_true", help="RGBA images (4 channels)")
@@ -108,6 +112,17 @@ def add_data_flags(parser: argparse.ArgumentParser, *, folder_flag: str, caption
                  help="smallest area fraction of the random square crop (default 0.75)")
         add_flag(group, "--truncate-captions", action="store_true",
                  help="cut captions longer than --text-seq-len instead of stopping")
+        add_flag(group, "--wds", metavar="IMAGE_KEY,CAPTION_KEY",
+                 help="read --image-text-folder as WebDataset shards whose samples hold these files "
+                      "(--wds jpg,txt; jpg;png takes either; a json caption is read from "
+                      "--wds-caption-field)")
+        add_flag(group, "--wds-caption-field", default="caption",
+                 help="the JSON field a --wds ...,json caption is read from (default caption)")
+        add_flag(group, "--resample-shards", action="store_true",
+                 help="draw the shards with replacement, for many nodes (needs --max-steps)")
+        add_flag(group, "--tokens", metavar="DIR",
+                 help="dalle: train from the shards of dalle-train encode (image codes of the model's VAE) "
+                      "instead of images")
 
 
 def device_from_flag(flag: str) -> torch.device:

@@ -30,7 +30,7 @@ from dalle_train.commands.common import (
     prepare_run,
 )
 from dalle_train.config import CaptionedData, Section, TrainConfig, option
-from dalle_train.datasets import captioned_dataset, make_batches
+from dalle_train.datasets import captioned_dataset, check_source, make_batches
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.tasks.dalle import DalleTask, DalleTraining
@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     """Train; returns the exit code."""
     config, start_from = start_point(DalleConfig.from_args(args))
     run_ = prepare_run(config)
-    config = run_.config
+    config = run_.config  # a resumed run's flags merged with its checkpoint's
+    check_source(config.data)  # before a pretrained VAE is downloaded
     model = build_model(config, run_.resume_from or start_from).to(run_.device)
     if config.data.transparent and model.channels != 4:
         raise TrainError(f"--transparent reads RGBA images, but the VAE takes {model.channels} channels: "
@@ -195,6 +196,6 @@ def run(args: argparse.Namespace) -> int:
     if config.optim.compile:
         model.transformer.compile()
     dataset = captioned_dataset(config.data, config.optim.seed, image_size=model.image_size,
-                                channels=model.channels)
+                                channels=model.channels, vae=model.vae)
     task = DalleTask(model, config.task, config.data, config.optim.seed, run_.device, dataset)
     return fit(task, make_batches(dataset, config.optim, config.data, run_.backend), run_)

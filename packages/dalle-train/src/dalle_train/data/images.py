@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image, ImageOps
@@ -32,14 +33,15 @@ _DECODE_ERRORS = (
 class CorruptImageError(Exception):
     """An image file that Pillow cannot read in full; ``path`` names it, ``reason`` says why."""
 
-    def __init__(self, path: str | Path, reason: str) -> None:
+    def __init__(self, path: str | Path | BinaryIO, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
 
 
-def load_image(path: str | Path, channels: int = 3) -> Image.Image:
-    """Read ``path`` in full as mode RGB (``channels=3``) or RGBA (``channels=4``).
+def load_image(path: str | Path | BinaryIO, channels: int = 3, name: str | None = None) -> Image.Image:
+    """Read ``path`` (a file, or the bytes of one) in full as mode RGB (``channels=3``) or RGBA
+    (``channels=4``); ``name`` is what errors call it (default: ``path``).
 
     Palette, grayscale (8- or 16-bit), LA, CMYK and other modes are converted; an image with
     transparency (alpha band or palette/grayscale transparency) keeps it as RGBA, and with
@@ -54,9 +56,10 @@ def load_image(path: str | Path, channels: int = 3) -> Image.Image:
             image.load()  # decodes everything: a truncated file fails here, not later
             image = ImageOps.exif_transpose(image)
     except FileNotFoundError as error:
-        raise CorruptImageError(path, f"cannot be read: {error.strerror}") from error
+        raise CorruptImageError(name or path, f"cannot be read: {error.strerror}") from error
     except _DECODE_ERRORS as error:
-        raise CorruptImageError(path, f"not a readable image ({type(error).__name__}: {error})") from error
+        reason = f"not a readable image ({type(error).__name__}: {error})"
+        raise CorruptImageError(name or path, reason) from error
     return _convert(image, channels)
 
 

@@ -25,6 +25,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "missing_image": ("caption without an image", "captions without images"),
     "empty_caption": ("empty caption", "empty captions"),
     "unreadable_caption": ("unreadable caption", "unreadable captions"),
+    "unreadable_shard": ("shard not read to its end", "shards not read to their end"),
+    "duplicate_key": ("sample with a key seen before", "samples with keys seen before"),
 }
 
 #: one skip: (kind, source, reason)

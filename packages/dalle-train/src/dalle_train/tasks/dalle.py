@@ -13,6 +13,7 @@ from torch import Tensor
 from dalle_core import DALLE
 from dalle_train.config import CaptionedData, Section
 from dalle_train.data.shapes import COLOURS, POSITIONS, PROMPTS, SHAPES, SIZES, Spec, judge, score
+from dalle_train.datasets import first_samples
 from dalle_train.errors import TrainError
 from dalle_train.pictures import image_rows, save_png
 from dalle_train.training.loop import Task
@@ -41,9 +42,8 @@ def tokenize_captions(tokenizer: Any, captions: list[str], sources: list[str], l
 def default_prompts(dataset: Any, count: int) -> list[str]:
     """Distinct captions of the first samples of ``dataset``."""
     prompts: list[str] = []
-    for index in range(min(len(dataset), 64)):
-        sample = dataset[index]
-        if sample is not None and sample.caption not in prompts:
+    for sample in first_samples(dataset, 64):
+        if sample.caption not in prompts:
             prompts.append(sample.caption)
         if len(prompts) == count:
             break

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from dalle_core.backends import SingleProcessBackend
 from dalle_core.interfaces import DistributedBackend, StepPlan
 from dalle_train.choices import as_train_error
+from dalle_train.data.report import KINDS, SkipReport
 from dalle_train.errors import TrainError
 from dalle_train.training.checkpoints import new_staging_dir, remove_partial, save_checkpoint, staging_dir
 from dalle_train.training.layout import CHECKPOINTS, ENGINE_STATE, step_dir
@@ -79,6 +80,8 @@ class Task(ABC):
 
 #: the training state's list of every process's random generators (runs of several processes)
 RNG_BY_RANK = "rng_by_rank"
+#: the training state's key for every process's data position (by rank), when they differ
+DATA_BY_RANK = "data_by_rank"
 
 
 @dataclass
@@ -97,8 +100,15 @@ class LoopSettings:
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
 
-    def total_steps(self, batches_per_epoch: int) -> int:
-        """Optimizer steps the run makes: ``--max-steps``, else ``--epochs`` worth of batches."""
+    def total_steps(self, batches_per_epoch: int | None) -> int:
+        """Optimizer steps the run makes: ``--max-steps``, else ``--epochs`` worth of batches
+        (data of unknown size, None, needs ``--max-steps``)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if batches_per_epoch is None:
+            raise TrainError("the data's size is unknown (shards without img2dataset's _stats.json, remote "
+                             "or piped, or --resample-shards), so --epochs cannot say when to stop: give "
+                             "--max-steps")
         by_epochs = self.epochs * batches_per_epoch // self.ga_steps
         return self.max_steps if self.max_steps is not None else max(by_epochs, 1)
 
@@ -159,19 +169,23 @@ def train(
         _resume_optimizer(resume, resume_dir, backend, optimizer)
         schedule.load_state_dict(resume["schedule"])
         scaler.load_state_dict(resume["scaler"])
-        batches.load_state_dict(resume["data"])
+        by_rank = resume.get(DATA_BY_RANK)
+        same_world = by_rank is not None and len(by_rank) == backend.world_size
+        batches.load_state_dict(by_rank[backend.rank] if same_world else resume["data"])
         _resume_rng(resume, backend, step)
 
     running, micro_batches, samples, last_saved = torch.zeros((), device=device), 0, 0, None
+    logged_epoch = batches.epoch  # a line sums up the skipped samples when a log finds it ended
     last_loss, started = None, time.perf_counter()
     items = iter(batches)
 
     def save(at: int) -> Path:
         # every process's generators, by rank, and (several processes) a fingerprint of its weights
         fingerprint = _fingerprint(model) if backend.world_size > 1 and backend.replicated else None
-        gathered = backend.gather_object((rng_state(), fingerprint))
-        rngs = [rng for rng, _ in gathered]
-        differing = [rank for rank, (_, print_) in enumerate(gathered) if print_ != gathered[0][1]]
+        gathered = backend.gather_object((rng_state(), fingerprint, batches.state_dict()))
+        rngs = [rng for rng, _, _ in gathered]
+        data = [position for _, _, position in gathered]  # streamed shards: one per process
+        differing = [rank for rank, (_, print_, _) in enumerate(gathered) if print_ != gathered[0][1]]
         if differing:
             raise TrainError(f"at step {at} the weights of process(es) {differing} differ from process "
                              f"0's: the {backend.plugin_name} backend did not keep them in step; nothing "
@@ -179,10 +193,12 @@ def train(
         optimizer_state = backend.optimizer_state_dict(optimizer)  # collective
         state = {
             "step": at, "optimizer": optimizer_state, "schedule": schedule.state_dict(),
-            "scaler": scaler.state_dict(), "data": batches.state_dict(), "rng": rngs[0], "run": run_config,
+            "scaler": scaler.state_dict(), "data": data[0], "rng": rngs[0], "run": run_config,
         }
         if len(rngs) > 1:
             state[RNG_BY_RANK] = rngs
+        if any(position != data[0] for position in data):
+            state[DATA_BY_RANK] = data
         temp = new_staging_dir(checkpoints, at) if root else staging_dir(checkpoints, at)
         backend.barrier()  # the staging directory exists for every process
         backend.save_engine_state(temp / ENGINE_STATE)
@@ -229,8 +245,14 @@ def train(
                 if task.tokens_per_sample:
                     rates["tokens_per_s"] = samples * backend.world_size * task.tokens_per_sample / seconds
                 extra = task.status(step)
+                skipped = _skipped(batches, backend)  # collective
                 metrics.log(step, {"loss": last_loss, "lr": lr, "epoch": batches.epoch, **extra,
-                                   **{k: round(v, 2) for k, v in rates.items()}})
+                                   **{k: round(v, 2) for k, v in rates.items()}, **skipped})
+                if root and batches.epoch != logged_epoch:
+                    what = f"skipped {skipped['skipped']} samples so far" if skipped else "no sample skipped"
+                    tqdm.write(f"epoch {logged_epoch} done at step {step}: {what}"
+                               + "".join(f", {k[8:]} {v}" for k, v in skipped.items() if k != "skipped"))
+                    logged_epoch = batches.epoch
                 bar.set_postfix({"loss": f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in extra.items()},
                                  "samples/s": f"{rates['samples_per_s']:.1f}"}, refresh=False)
                 running.zero_()
@@ -264,6 +286,18 @@ def _resume_rng(resume: dict[str, Any], backend: DistributedBackend, step: int) 
     set_rng_state(resume["rng"])
     if backend.rank:
         seed_everything(step * 1_000_003 + backend.rank)
+
+
+def _skipped(batches: Any, backend: DistributedBackend) -> dict[str, int]:
+    """Samples every process's data skipped so far: ``skipped`` (all) and ``skipped_<kind>``
+    for each kind that occurred; empty for data that skips nothing. A collective call."""
+    report = getattr(getattr(batches, "dataset", None), "report", None)
+    if not isinstance(report, SkipReport):
+        return {}
+    counts = torch.tensor([float(report.count(kind)) for kind in KINDS])  # [kinds], this process's
+    totals = (backend.average(counts) * backend.world_size).round().long().tolist()  # over all processes
+    found = {f"skipped_{kind}": n for kind, n in zip(KINDS, totals) if n}
+    return {"skipped": sum(totals), **found} if found else {}
 
 
 def _resume_optimizer(resume: dict[str, Any], resume_dir: Path | None, backend: DistributedBackend,

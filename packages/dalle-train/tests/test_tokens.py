@@ -1,0 +1,108 @@
+"""Pre-encoded shards: ``dalle-train encode`` and ``dalle-train dalle --tokens``."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_DALLE, losses
+from shard_writer import img2dataset_shards, jpeg
+from test_resume_guarantees import latest
+
+from dalle_core import DALLE, DiscreteVAE
+from dalle_core.tokenizers import ByteTokenizer
+from dalle_train.cli import main
+from dalle_train.data.folder import ImageTextFolder
+from dalle_train.data.tokens import MANIFEST, read_codes, weights_sha256
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pairs") / "pairs"
+    root.mkdir()
+    for number in range(12):
+        (root / f"p{number:02d}.jpg").write_bytes(jpeg((number * 20, 80, 250 - number * 20), size=32))
+        (root / f"p{number:02d}.txt").write_text(f"picture {number}\nanother line {number}\n")
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "broken.txt").write_text("broken")
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory: pytest.TempPathFactory, folder: Path, vae_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("tokens") / "tokens"
+    assert main(["encode", "--image-text-folder", str(folder), "--vae-path", str(vae_dir), "--tokenizer",
+                 "bytes", "--output", str(out), "--samples-per-shard", "5", "--batch-size", "4",
+                 "--device", "cpu"]) == 0
+    return out
+
+
+def test_encode_writes_codes_captions_tokens_and_a_manifest(encoded, vae_dir, folder):
+    manifest = json.loads((encoded / MANIFEST).read_text())
+    vae = DiscreteVAE.from_pretrained(vae_dir)
+    assert manifest["vae"]["name"] == "discrete" and manifest["vae"]["weights_sha256"] == weights_sha256(vae)
+    assert manifest["tokenizer"]["name"] == "bytes" and manifest["image_seq_len"] == 16
+    assert [s["samples"] for s in manifest["shards"]] == [5, 5, 2] and manifest["samples"] == 12
+    assert manifest["skipped"]["corrupt_image"] == 1
+    with tarfile.open(encoded / "00000.tar") as archive:
+        files = {member.name: archive.extractfile(member).read() for member in archive}
+    assert files["000000000.txt"] == b"picture 0\nanother line 0\n"
+    tokens = json.loads(files["000000000.tokens.json"])
+    assert tokens == [ByteTokenizer().encode("picture 0"), ByteTokenizer().encode("another line 0")]
+    # the codes are the VAE's for the centred image, as DALLE would compute them in training
+    image = ImageTextFolder(folder, 32, resize_ratio=1.0).load(1, 0).image  # p00, after broken: [3, 32, 32]
+    codes = read_codes(files["000000000.codes.npy"])  # [16]
+    assert torch.equal(codes, vae.get_codebook_indices(image[None])[0])
+    # so a DALLE's loss from the stored codes is its loss from the pixels, encoded on the fly
+    model = DALLE(vae=vae, num_text_tokens=259, text_seq_len=48, dim=16, depth=2, heads=2, dim_head=8)
+    text = ByteTokenizer().tokenize(["picture 0"], 48)
+    from_codes = model(text, codes[None], return_loss=True)
+    assert torch.equal(from_codes, model(text, image[None], return_loss=True))
+
+
+def test_training_from_tokens_never_runs_the_vae_encoder(tmp_path, encoded, vae_dir, monkeypatch):
+    common = [*TINY_DALLE, "--vae-path", str(vae_dir), "--threads", "1", "--sample-every", "0", "--max-steps",
+              "3", "--log-every", "1", "--lr-schedule", "constant"]
+    assert main(["dalle", "--tokens", str(encoded), *common, "--output-dir", str(tmp_path / "t")]) == 0
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the VAE's encoder ran")
+
+    monkeypatch.setattr(DiscreteVAE, "get_codebook_indices", no_encoder)
+    assert main(["dalle", "--tokens", str(encoded), *common, "--output-dir", str(tmp_path / "t2")]) == 0
+    assert losses(tmp_path / "t") == losses(tmp_path / "t2")
+    assert latest(tmp_path / "t") == "step-3"
+
+
+def test_a_dalle_with_another_vae_is_refused_naming_both(tmp_path, encoded, capsys):
+    torch.manual_seed(1)
+    other = tmp_path / "other-vae"
+    vae = DiscreteVAE(image_size=32, num_layers=3, num_tokens=16, codebook_dim=8, hidden_dim=8)
+    vae.save_pretrained(other)
+    args = ["dalle", "--tokens", str(encoded), *TINY_DALLE, "--vae-path", str(other), "--max-steps", "1",
+            "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"--tokens {encoded} was encoded by VAE 'discrete'" in error and "but this DALLE's VAE is" in error
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tokens", "/no/such/tokens"], "--tokens /no/such/tokens is not a folder"),
+    (["--tokens", "{tmp}", "--image-text-folder", "x"], "--image-text-folder and --tokens both name"),
+    (["--tokens", "{tmp}"], "has no manifest.json"),
+])
+def test_bad_token_sources_are_refused(tmp_path, flags, message, capsys):
+    flags = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
+    assert main(["dalle", *flags, "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_encode_reads_shards_too(tmp_path, vae_dir):
+    img2dataset_shards(tmp_path / "shards", shards=2, per_shard=5)
+    out = tmp_path / "tokens"
+    assert main(["encode", "--wds", "jpg,json", "--image-text-folder", str(tmp_path / "shards"),
+                 "--vae-path", str(vae_dir), "--output", str(out)]) == 0
+    assert json.loads((out / MANIFEST).read_text())["samples"] == 8
