@@ -123,7 +123,8 @@ def test_bad_samples_are_skipped_reported_and_replaced(tmp_path, caplog):
     write_shard(shard, [
         ("0", good), ("1", {"jpg": b"not a jpeg", "txt": b"broken"}), ("2", {"txt": b"no image"}),
         ("3", {"jpg": jpeg((1, 2, 3))}), ("4", {"jpg": jpeg((1, 2, 3)), "txt": b"  \n"}),
-        ("5", {"jpg": jpeg((1, 2, 3)), "txt": b"\xff\xfe"}), ("6", good), ("7", good),
+        ("5", {"jpg": jpeg((1, 2, 3)), "txt": b"\xff\xfe"}), ("6", {"jpg": b"", "txt": b"zero bytes"}),
+        ("7", good), ("8", good),
     ])
     data = stream(str(shard))
     batches = StreamBatches(data.split(3, 0, 1))
@@ -133,9 +134,19 @@ def test_bad_samples_are_skipped_reported_and_replaced(tmp_path, caplog):
     report = batches.stream.report
     assert report is data.report  # the split copy reports to the dataset's report
     assert {k: v for k, v in report.as_dict().items() if v} == {
-        "corrupt_image": 1, "missing_image": 1, "missing_caption": 1, "empty_caption": 1,
-        "unreadable_caption": 1, "total": 5}
+        "corrupt_image": 2, "missing_image": 1, "missing_caption": 1, "empty_caption": 1,
+        "unreadable_caption": 1, "total": 6}
     assert f"skipping 1 in {shard}: not a readable image" in caplog.text
+
+
+def test_bad_json_captions_are_skipped(tmp_path):
+    shard = tmp_path / "json.tar"
+    write_shard(shard, [("0", {"jpg": jpeg((9, 9, 9)), "json": b"{not json"}),
+                        ("1", {"jpg": jpeg((9, 9, 9)), "json": b'{"url": "no caption"}'}),
+                        ("2", {"jpg": jpeg((9, 9, 9)), "json": b'{"caption": "fine"}'})])
+    data = stream(str(shard), "jpg,json")
+    assert [s.caption for s in data.first_samples(5)] == ["fine"]
+    assert (data.report.count("unreadable_caption"), data.report.count("missing_caption")) == (1, 1)
 
 
 def test_a_source_with_nothing_usable_stops_with_an_error(tmp_path):
@@ -207,6 +218,15 @@ def test_shards_over_http_with_a_brace_expanded_url(shards, served):
     remote = batches_of(source, batch=4)
     assert remote.batches_per_epoch is None  # no sizes without reading
     assert captions(remote, 8) == captions(batches_of(str(folder), batch=4), 8)
+
+
+def test_an_unreachable_shard_is_reported_and_the_others_read(shards, served):
+    _, written = shards
+    data = stream(f"{served}/{{00000..00004}}.tar")  # 00004.tar is not served
+    samples = data.first_samples(100)
+    assert sorted(s.caption for s in samples) == sorted(written)
+    assert data.report.count("unreadable_shard") == 1
+    assert data.report.sources("unreadable_shard") == [f"{served}/00004.tar"]
 
 
 def test_images_are_cropped_to_the_model_size_in_0_1(shards):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -106,3 +107,13 @@ def test_encode_reads_shards_too(tmp_path, vae_dir):
     assert main(["encode", "--wds", "jpg,json", "--image-text-folder", str(tmp_path / "shards"),
                  "--vae-path", str(vae_dir), "--output", str(out)]) == 0
     assert json.loads((out / MANIFEST).read_text())["samples"] == 8
+
+
+def test_a_shard_missing_from_the_manifest_is_named(tmp_path, encoded, vae_dir, capsys):
+    partial = tmp_path / "partial"
+    shutil.copytree(encoded, partial)
+    (partial / "00001.tar").unlink()
+    args = ["dalle", "--tokens", str(partial), *TINY_DALLE, "--vae-path", str(vae_dir), "--max-steps", "1",
+            "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert f"1 shards of its manifest.json are missing ({partial / '00001.tar'})" in capsys.readouterr().err

@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_DALLE
 from shard_writer import img2dataset_shards, jpeg, write_shard
 from test_resume_guarantees import SIGTERM_EXIT, assert_same_run, latest, sigterm_during
 
 from dalle_train.cli import main
+from dalle_train.config import CaptionedData, Optimization
+from dalle_train.datasets import captioned_dataset, make_batches
 from dalle_train.tasks.dalle import DalleTask
 
 
@@ -88,3 +91,13 @@ def test_skipped_samples_are_counted_in_the_metrics_and_summed_up_each_epoch(tmp
     last = [r for r in records if "loss" in r][-1]
     assert (last["skipped"], last["skipped_corrupt_image"], last["skipped_missing_caption"]) == (2, 1, 1)
     assert "epoch 0 done at step" in capsys.readouterr().out
+
+
+def test_batches_are_pinned_for_a_cuda_device_only(shards):
+    data = CaptionedData(dataset=None, dataset_size=0, transparent=False, image_text_folder=str(shards),
+                         wds="jpg,txt")
+    optim = Optimization(seed=0, epochs=1, max_steps=None, batch_size=2, ga_steps=1, learning_rate=1e-3,
+                         weight_decay=0.0, clip_grad_norm=None, lr_schedule="constant")
+    stream = captioned_dataset(data, 0, image_size=16, channels=3)
+    assert make_batches(stream, optim, data, device=torch.device("cuda")).pin_memory
+    assert not make_batches(stream, optim, data, device=torch.device("cpu")).pin_memory

@@ -1,10 +1,12 @@
 """The dataset a training command reads, from its flags: a folder, WebDataset shards
-(``--wds``) or ``--dataset shapes``."""
+(``--wds``), pre-encoded shards (``--tokens``) or ``--dataset shapes``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from dalle_core.interfaces import DistributedBackend
 from dalle_train.config import CaptionedData, Data, ImageData, Optimization
@@ -16,7 +18,7 @@ from dalle_train.data.scan import check_folder
 from dalle_train.data.shapes import ShapesDataset
 from dalle_train.data.shards import ShardList, resolve, shard_list
 from dalle_train.data.stream import PixelDecoder, ShardStream, StreamBatches, WdsKeys
-from dalle_train.data.tokens import CodeDecoder, check_vae, read_manifest
+from dalle_train.data.tokens import MANIFEST, CodeDecoder, check_vae, read_manifest
 from dalle_train.errors import TrainError
 
 
@@ -77,7 +79,10 @@ def _token_stream(folder: Path, seed: int, vae: Any, resample: bool) -> ShardStr
     names = [shard["name"] for shard in manifest["shards"]]
     shards = ShardList(str(folder), tuple(str(folder / name) for name in names),
                        tuple(int(shard["samples"]) for shard in manifest["shards"]))
-    resolve("::".join(shards.urls))  # every shard the manifest lists is there
+    missing = [url for url in shards.urls if not Path(url).is_file()]
+    if missing:
+        raise TrainError(f"--tokens {folder}: {len(missing)} shards of its {MANIFEST} are missing "
+                         f"({', '.join(missing[:5])})")
     print(f"{manifest['samples']} pre-encoded samples in {len(names)} shards in {folder} "
           f"({manifest['image_seq_len']} codes each, VAE {manifest['vae']['name']})")
     decode = CodeDecoder(int(manifest["image_seq_len"]), seed)
@@ -156,18 +161,21 @@ def split_held_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
     return train, [sample for sample in held if sample is not None]
 
 
-def make_batches(dataset: Any, optim: Optimization, data: Data,
-                 backend: DistributedBackend | None = None) -> Batches | StreamBatches:
+def make_batches(dataset: Any, optim: Optimization, data: Data, backend: DistributedBackend | None = None,
+                 device: torch.device | None = None) -> Batches | StreamBatches:
     """Shuffled (with the run's seed), resumable micro-batches of ``--batch-size`` per process,
-    read by ``--num-workers`` processes; each process of a distributed ``backend`` reads its
-    slice of every global batch (of a stream: its own shards)."""
+    read by ``--num-workers`` processes (in pinned memory when training on a CUDA ``device``);
+    each process of a distributed ``backend`` reads its slice of every global batch (of a
+    stream: its own shards)."""
     rank, world_size = (backend.rank, backend.world_size) if backend is not None else (0, 1)
+    pin = device is not None and device.type == "cuda"
     if isinstance(dataset, ShardStream):
-        return StreamBatches(dataset.split(optim.batch_size, rank, world_size), data.num_workers)
+        part = dataset.split(optim.batch_size, rank, world_size)
+        return StreamBatches(part, data.num_workers, pin_memory=pin)
     if len(dataset) < optim.batch_size * world_size:
         processes = f" x {world_size} processes" if world_size > 1 else ""
         raise TrainError(
             f"--batch-size {optim.batch_size}{processes} is larger than the dataset ({len(dataset)} samples)"
         )
-    return Batches(dataset, optim.batch_size, seed=optim.seed, num_workers=data.num_workers, rank=rank,
-                   world_size=world_size)
+    return Batches(dataset, optim.batch_size, seed=optim.seed, num_workers=data.num_workers, pin_memory=pin,
+                   rank=rank, world_size=world_size)

@@ -102,4 +102,4 @@ def run(args: argparse.Namespace) -> int:
                                 channels=model.channels)
     train_set, held = split_held_out(dataset, config.task.eval_size)
     task = ClipTask(model, tokenizer, config.data.truncate_captions, run_.device, held)
-    return fit(task, make_batches(train_set, config.optim, config.data, run_.backend), run_)
+    return fit(task, make_batches(train_set, config.optim, config.data, run_.backend, run_.device), run_)

@@ -198,4 +198,4 @@ def run(args: argparse.Namespace) -> int:
     dataset = captioned_dataset(config.data, config.optim.seed, image_size=model.image_size,
                                 channels=model.channels, vae=model.vae)
     task = DalleTask(model, config.task, config.data, config.optim.seed, run_.device, dataset)
-    return fit(task, make_batches(dataset, config.optim, config.data, run_.backend), run_)
+    return fit(task, make_batches(dataset, config.optim, config.data, run_.backend, run_.device), run_)

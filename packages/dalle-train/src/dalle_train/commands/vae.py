@@ -102,4 +102,4 @@ def run(args: argparse.Namespace) -> int:
     dataset = image_dataset(config.data, config.optim.seed, image_size=model.image_size,
                             channels=model.channels)
     task = VaeTask(model, config.task, run_.device, dataset)
-    return fit(task, make_batches(dataset, config.optim, config.data, run_.backend), run_)
+    return fit(task, make_batches(dataset, config.optim, config.data, run_.backend, run_.device), run_)

@@ -49,7 +49,8 @@ class ClipTask(Task):
 
     def loss(self, batch: Any, step: int) -> Tensor:
         text = self.text(batch.captions, batch.sources)
-        return self.net(text, batch.images.to(self.device), text_mask=text != 0, return_loss=True)
+        images = batch.images.to(self.device, non_blocking=True)  # pinned on CUDA
+        return self.net(text, images, text_mask=text != 0, return_loss=True)
 
     def write_samples(self, step: int, directory: Path) -> dict[str, Path | float]:
         if len(self.held) < 2:

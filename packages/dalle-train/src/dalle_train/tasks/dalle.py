@@ -84,7 +84,8 @@ class DalleTask(Task):
     def loss(self, batch: Any, step: int) -> Tensor:
         text = tokenize_captions(self.model.tokenizer, batch.captions, batch.sources, self.text_seq_len,
                                  self.truncate)
-        return self.net(text.to(self.device), batch.images.to(self.device), return_loss=True,
+        images = batch.images.to(self.device, non_blocking=True)  # pinned on CUDA: the copy overlaps
+        return self.net(text.to(self.device), images, return_loss=True,
                           null_cond_prob=self.null_cond_prob)
 
     def write_samples(self, step: int, directory: Path) -> dict[str, Path | float]:

@@ -83,7 +83,8 @@ class VaeTask(Task):
         return {"temperature": self.temperature(step)}
 
     def loss(self, batch: Any, step: int) -> Tensor:
-        return self.net(batch.images.to(self.device), return_loss=True, temp=self.temperature(step))
+        images = batch.images.to(self.device, non_blocking=True)  # pinned on CUDA
+        return self.net(images, return_loss=True, temp=self.temperature(step))
 
     def write_samples(self, step: int, directory: Path) -> dict[str, Path | float]:
         images = self.held.to(self.device)
