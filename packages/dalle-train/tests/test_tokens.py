@@ -45,7 +45,8 @@ def test_encode_writes_codes_captions_tokens_and_a_manifest(encoded, vae_dir, fo
     manifest = json.loads((encoded / MANIFEST).read_text())
     vae = DiscreteVAE.from_pretrained(vae_dir)
     assert manifest["vae"]["name"] == "discrete" and manifest["vae"]["weights_sha256"] == weights_sha256(vae)
-    assert manifest["tokenizer"]["name"] == "bytes" and manifest["image_seq_len"] == 16
+    assert manifest["tokenizer"]["name"] == "bytes" and manifest["tokenizer"]["config"] == {}
+    assert manifest["image_seq_len"] == 16 and manifest["vae"]["config"] == vae.config
     assert [s["samples"] for s in manifest["shards"]] == [5, 5, 2] and manifest["samples"] == 12
     assert manifest["skipped"]["corrupt_image"] == 1
     with tarfile.open(encoded / "00000.tar") as archive:

@@ -56,6 +56,7 @@ def identity(part: Any) -> dict[str, Any] | None:
     if part is None:
         return None
     config = getattr(part, "config", None)
+    config = config() if callable(config) else config  # a tokenizer's is a method, a model's a dict
     return {
         "name": getattr(part, "plugin_name", None) or type(part).__name__,
         "class": f"{type(part).__module__}.{type(part).__qualname__}",
