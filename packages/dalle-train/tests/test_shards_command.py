@@ -18,7 +18,10 @@ from dalle_train.data.scan import scan_pairs
 from dalle_train.data.shards import shard_list
 from dalle_train.data.stream import PixelDecoder, ShardStream, WdsKeys
 
-EMOJI = Path(__file__).resolve().parents[4] / "shared" / "datasets" / "emoji-twemoji"
+#: ../shared/datasets/emoji-twemoji beside the repository (searched upwards: mutmut runs a copy)
+SHARED_EMOJI = Path("shared", "datasets", "emoji-twemoji")
+EMOJI = next((folder / SHARED_EMOJI for folder in Path(__file__).resolve().parents
+              if (folder / SHARED_EMOJI).is_dir()), Path("emoji-twemoji-not-found"))
 
 
 def folder_pairs(root: Path) -> dict[str, tuple[bytes, tuple[str, ...]]]:
@@ -82,11 +85,17 @@ def test_img2dataset_shards_become_a_folder_by_shard_and_key(tmp_path, capsys):
 def test_bad_conversions_are_refused(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "a.jpg").write_bytes(jpeg((1, 2, 3)))
+    (pairs / "a.txt").write_text("a")
     cases = [
         (["--image-text-folder", str(tmp_path / "none"), "--output", str(tmp_path / "o")], "does not exist"),
-        (["--image-text-folder", str(EMOJI), "--output", str(tmp_path / "full")], "is not an empty folder"),
-        (["--image-text-folder", str(EMOJI), "--output", str(tmp_path / "o"), "--samples-per-shard", "0"],
+        (["--image-text-folder", str(pairs), "--output", str(tmp_path / "full")], "is not an empty folder"),
+        (["--image-text-folder", str(pairs), "--output", str(tmp_path / "o"), "--samples-per-shard", "0"],
          "--samples-per-shard must be at least 1"),
+        (["--image-text-folder", str(tmp_path / "full"), "--output", str(tmp_path / "o2")],
+         "holds no usable image-text pair"),
     ]
     for flags, message in cases:
         assert main(["shards", *flags]) == 2
