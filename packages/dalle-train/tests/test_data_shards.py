@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import itertools
 import json
 import logging
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +77,27 @@ def test_sources_resolve_to_shards(shards, tmp_path, monkeypatch):
         resolve("http://127.0.0.1:1/{0..3}.tar")
 
 
+def test_source_errors_say_what_was_found(tmp_path):
+    with pytest.raises(TrainError, match=r"^--image-text-folder is empty: give a shard, a folder of shards"):
+        resolve("")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TrainError, match=r"holds no shard \(\.tar, \.tar\.gz, \.tgz\): found nothing\."):
+        resolve(str(empty))
+    for name in ("a.md", "b.json", "c.jpg"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(TrainError, match=r"found only \.jpg, \.json, \.md files\."):
+        resolve(str(tmp_path))
+    names = ", ".join(f"/no/{n}.tar" for n in range(5))
+    with pytest.raises(TrainError) as seven:
+        resolve("/no/{0..6}.tar")
+    assert str(seven.value).endswith(f": 7 of 7 shards do not exist ({names} and 2 more)")
+    with pytest.raises(TrainError) as five:
+        resolve("/no/{0..4}.tar")
+    assert str(five.value).endswith(f": 5 of 5 shards do not exist ({names})")
+    assert shard_list("pipe:cat a.tar").source == "pipe:cat a.tar"
+
+
 def test_sample_counts_come_from_img2dataset_stats_or_the_members(shards, tmp_path):
     folder, written = shards
     listed = shard_list(str(folder))
@@ -83,6 +106,17 @@ def test_sample_counts_come_from_img2dataset_stats_or_the_members(shards, tmp_pa
     write_shard(bare, [(f"k{n}", {"jpg": b"x", "txt": b"y"}) for n in range(3)], stats=False)
     assert count_samples(str(bare)) == 3
     assert count_samples("http://host/a.tar") is None and count_samples("pipe:cat a.tar") is None
+    assert count_samples("s3://bucket/a.tar") is None
+    gz = tmp_path / "00007.tar.gz"
+    with tarfile.open(gz, "w:gz") as archive:
+        for name in ("k1.jpg", "k1.txt", "k2.jpg"):
+            info = tarfile.TarInfo(name)
+            archive.addfile(info, io.BytesIO(b""))
+    assert count_samples(str(gz)) == 2  # counted from the members
+    (tmp_path / "00007_stats.json").write_text(json.dumps({"successes": 40}))
+    assert count_samples(str(gz)) == 40  # img2dataset's count, beside NAME.tar.gz
+    (tmp_path / "00007_stats.json").write_text(json.dumps({"count": 40}))
+    assert count_samples(str(gz)) == 2  # not img2dataset's: the members again
 
 
 def test_one_epoch_reads_every_sample_once_in_a_seeded_order(shards):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_DALLE, losses
@@ -17,7 +20,20 @@ from dalle_core import DALLE, DiscreteVAE
 from dalle_core.tokenizers import ByteTokenizer
 from dalle_train.cli import main
 from dalle_train.data.folder import ImageTextFolder
-from dalle_train.data.tokens import MANIFEST, read_codes, weights_sha256
+from dalle_train.data.report import SkipReport
+from dalle_train.data.tokens import (
+    CAPTIONS,
+    CODES,
+    MANIFEST,
+    CodeDecoder,
+    check_vae,
+    codes_bytes,
+    identity,
+    read_codes,
+    read_manifest,
+    weights_sha256,
+)
+from dalle_train.errors import TrainError
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +134,95 @@ def test_a_shard_missing_from_the_manifest_is_named(tmp_path, encoded, vae_dir, 
             "--output-dir", str(tmp_path / "run")]
     assert main(args) == 2
     assert f"1 shards of its manifest.json are missing ({partial / '00001.tar'})" in capsys.readouterr().err
+
+
+def raw_sample(**files: bytes) -> dict:
+    return {"__key__": "k7", "__url__": "/data/00003.tar", **files}
+
+
+def test_the_code_decoder_draws_a_line_and_skips_what_it_cannot_read(caplog):
+    decoder = CodeDecoder(image_seq_len=4, seed=5)
+    codes = codes_bytes(torch.tensor([1, 2, 3, 4]))
+    lines = b"first line\nsecond line\n"
+    sample = decoder(raw_sample(**{CODES: codes, CAPTIONS: lines}), epoch=2, shard=3, index=7)
+    assert sample.source == "k7 in /data/00003.tar" and torch.equal(sample.image, torch.tensor([1, 2, 3, 4]))
+    assert sample.image.dtype == torch.long
+
+    def captions(where: list[tuple[int, int, int]], seed: int = 5) -> set[str]:
+        raw = raw_sample(**{CODES: codes, CAPTIONS: lines})
+        return {CodeDecoder(4, seed=seed)(raw, *at).caption for at in where}
+
+    # one line a sample, drawn from (seed, epoch, shard, index): each of them changes the draw
+    assert captions([(2, 3, 7)] * 3) == {sample.caption}
+    both = {"first line", "second line"}
+    assert captions([(epoch, 3, 7) for epoch in range(16)]) == both
+    assert captions([(2, shard, 7) for shard in range(16)]) == both
+    assert captions([(2, 3, index) for index in range(16)]) == both
+    assert set().union(*(captions([(0, 0, 0)], seed) for seed in range(16))) == both
+
+    bad = {
+        "missing_image": raw_sample(**{CAPTIONS: lines}),
+        "missing_caption": raw_sample(**{CODES: codes}),
+        "corrupt_image": raw_sample(**{CODES: b"not npy", CAPTIONS: lines}),
+        "empty_caption": raw_sample(**{CODES: codes, CAPTIONS: b" \n"}),
+    }
+    for kind, raw in bad.items():
+        report = SkipReport()
+        assert CodeDecoder(4, report=report)(raw, 0, 0, 0) is None
+        assert report.count(kind) == 1 and report.sources(kind) == ["k7 in /data/00003.tar"], kind
+    report = SkipReport()
+    short = raw_sample(**{CODES: codes_bytes(torch.tensor([1, 2, 3])), CAPTIONS: lines})
+    with caplog.at_level(logging.WARNING, logger="dalle_train.data"):
+        assert CodeDecoder(4, report=report)(short, 0, 0, 0) is None
+    assert report.count("corrupt_image") == 1
+    assert "skipping k7 in /data/00003.tar: 3 codes, not 4" in caplog.text
+
+
+def test_codes_round_trip_as_int32_npy_and_other_arrays_are_refused():
+    data = codes_bytes(torch.tensor([0, 511, 7]))
+    assert np.load(io.BytesIO(data), allow_pickle=False).dtype == np.int32
+    assert read_codes(data).tolist() == [0, 511, 7]
+    for array in (np.zeros((2, 2), np.int32), np.zeros(3, np.float32)):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        with pytest.raises(ValueError, match="expected a 1-d integer array"):
+            read_codes(buffer.getvalue())
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        read_codes(pickled.getvalue())
+
+
+def test_identity_names_class_config_and_weights(vae_dir):
+    vae = DiscreteVAE.from_pretrained(vae_dir)
+    assert identity(None) is None
+    assert identity(vae) == {"name": "discrete", "class": "dalle_core.vae.DiscreteVAE", "config": vae.config,
+                             "weights_sha256": weights_sha256(vae)}
+    assert identity(ByteTokenizer()) == {"name": "bytes", "class": "dalle_core.tokenizers.ByteTokenizer",
+                                         "config": {}, "weights_sha256": None}
+    changed = DiscreteVAE.from_pretrained(vae_dir)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    assert weights_sha256(changed) != weights_sha256(vae)
+
+
+def test_the_vae_check_names_both_vaes(tmp_path, vae_dir):
+    vae = DiscreteVAE.from_pretrained(vae_dir)
+    manifest = {"vae": {"name": "vqgan", "class": "dalle_vae_taming.VQGan", "weights_sha256": "ab" * 32}}
+    with pytest.raises(TrainError) as error:
+        check_vae(manifest, vae, tmp_path)
+    assert str(error.value) == (
+        f"--tokens {tmp_path} was encoded by VAE 'vqgan' (dalle_vae_taming.VQGan, weights sha256 "
+        f"abababababab...), but this DALLE's VAE is 'discrete' (dalle_core.vae.DiscreteVAE, weights sha256 "
+        f"{weights_sha256(vae)[:12]}...): train with the VAE that encoded them (--vae-path), or encode again "
+        f"with this one")
+    check_vae({"vae": identity(vae)}, vae, tmp_path)  # the same VAE passes
+
+
+def test_manifests_that_are_not_ours_are_refused(tmp_path):
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(TrainError, match=f"--tokens: {tmp_path / MANIFEST} cannot be read"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(TrainError, match="is not a manifest of dalle-train encode"):
+        read_manifest(tmp_path)
