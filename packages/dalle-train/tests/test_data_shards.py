@@ -17,7 +17,7 @@ import pytest
 import torch
 from shard_writer import img2dataset_shards, jpeg, write_shard
 
-from dalle_train.data.shards import count_samples, resolve, shard_list
+from dalle_train.data.shards import count_samples, is_local, resolve, shard_list
 from dalle_train.data.stream import (
     MAX_CONSECUTIVE_FAILURES,
     PixelDecoder,
@@ -106,7 +106,8 @@ def test_sample_counts_come_from_img2dataset_stats_or_the_members(shards, tmp_pa
     write_shard(bare, [(f"k{n}", {"jpg": b"x", "txt": b"y"}) for n in range(3)], stats=False)
     assert count_samples(str(bare)) == 3
     assert count_samples("http://host/a.tar") is None and count_samples("pipe:cat a.tar") is None
-    assert count_samples("s3://bucket/a.tar") is None
+    assert count_samples("s3://bucket/a.tar") is None and not is_local("s3://bucket/a.tar")
+    assert is_local("/data/a.tar") and is_local("shards/{0..3}.tar") and not is_local("pipe:cat a.tar")
     gz = tmp_path / "00007.tar.gz"
     with tarfile.open(gz, "w:gz") as archive:
         for name in ("k1.jpg", "k1.txt", "k2.jpg"):

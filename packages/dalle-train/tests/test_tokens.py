@@ -159,6 +159,10 @@ def test_the_code_decoder_draws_a_line_and_skips_what_it_cannot_read(caplog):
     assert captions([(2, shard, 7) for shard in range(16)]) == both
     assert captions([(2, 3, index) for index in range(16)]) == both
     assert set().union(*(captions([(0, 0, 0)], seed) for seed in range(16))) == both
+    many = raw_sample(**{CODES: codes, CAPTIONS: "\n".join(f"line {n}" for n in range(16)).encode()})
+    draws = [(0, shard, index) for shard in range(4) for index in range(4)]
+    assert [CodeDecoder(4)(many, *at).caption for at in draws] == [CodeDecoder(4, seed=0)(many, *at).caption
+                                                                  for at in draws]  # the default seed is 0
 
     bad = {
         "missing_image": raw_sample(**{CAPTIONS: lines}),
@@ -166,10 +170,16 @@ def test_the_code_decoder_draws_a_line_and_skips_what_it_cannot_read(caplog):
         "corrupt_image": raw_sample(**{CODES: b"not npy", CAPTIONS: lines}),
         "empty_caption": raw_sample(**{CODES: codes, CAPTIONS: b" \n"}),
     }
+    reasons = {"missing_image": "no codes.npy file in the sample",
+               "missing_caption": "no txt file in the sample",
+               "corrupt_image": "unreadable codes (", "empty_caption": "the caption is empty"}
     for kind, raw in bad.items():
         report = SkipReport()
-        assert CodeDecoder(4, report=report)(raw, 0, 0, 0) is None
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dalle_train.data"):
+            assert CodeDecoder(4, report=report)(raw, 0, 0, 0) is None
         assert report.count(kind) == 1 and report.sources(kind) == ["k7 in /data/00003.tar"], kind
+        assert f"skipping k7 in /data/00003.tar: {reasons[kind]}" in caplog.text, kind
     report = SkipReport()
     short = raw_sample(**{CODES: codes_bytes(torch.tensor([1, 2, 3])), CAPTIONS: lines})
     with caplog.at_level(logging.WARNING, logger="dalle_train.data"):
