@@ -15,6 +15,7 @@ from dalle_train.cli import main
 from dalle_train.data.folder import ImageTextFolder
 from dalle_train.data.report import SkipReport
 from dalle_train.data.scan import scan_pairs
+from dalle_train.data.shard_sink import ShardSink
 from dalle_train.data.shards import shard_list
 from dalle_train.data.stream import PixelDecoder, ShardStream, WdsKeys
 
@@ -100,3 +101,17 @@ def test_bad_conversions_are_refused(tmp_path, capsys):
     for flags, message in cases:
         assert main(["shards", *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_an_interrupted_conversion_leaves_only_whole_shards(tmp_path):
+    with pytest.raises(KeyboardInterrupt), ShardSink(tmp_path, per_shard=2) as sink:
+        for number in range(3):
+            sink.write({"__key__": f"{number:09d}", "txt": b"x"})
+        raise KeyboardInterrupt
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["00000.tar", "00000_stats.json"]
+    assert sink.counts == [2]
+    with ShardSink(tmp_path / "whole", per_shard=2) as sink:
+        (tmp_path / "whole").mkdir()
+        for number in range(3):
+            sink.write({"__key__": f"{number:09d}", "txt": b"x"})
+    assert sink.counts == [2, 1] and shard_list(str(tmp_path / "whole")).sizes == (2, 1)

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tqdm import tqdm
-from webdataset import TarWriter
 from webdataset.tariterators import tarfile_samples
 
 from dalle_train.data.report import SkipReport
 from dalle_train.data.scan import CAPTION_EXTENSION, Pair, check_folder, scan_pairs
+from dalle_train.data.shard_sink import ShardSink, empty_output
 from dalle_train.data.shards import shard_list
 from dalle_train.data.stream import WdsKeys, caption_lines
 from dalle_train.errors import TrainError
@@ -62,46 +61,31 @@ def run(args: argparse.Namespace) -> int:
     return folder_to_shards(Path(args.image_text_folder), args.output, args.samples_per_shard)
 
 
-def _empty_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise TrainError(f"--output {output} exists and is not an empty folder: give a new or empty one")
-    output.mkdir(parents=True, exist_ok=True)
-
-
-def _write_shard(path: Path, pairs: list[Pair], first: int, root: Path) -> None:
-    """``pairs`` as samples ``first``, ``first + 1``... of the shard ``path`` and its stats."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as stream, TarWriter(stream, encoder=False) as writer:
-        for number, pair in enumerate(pairs, first):
-            ending = pair.image.suffix.lower().lstrip(".")
-            caption = "\n".join(pair.captions) + "\n"
-            source = json.dumps({"source": pair.image.relative_to(root).as_posix()})
-            writer.write({"__key__": f"{number:09d}", ending: pair.image.read_bytes(),
-                          "txt": caption.encode(), "json": source.encode()})
-    os.replace(partial, path)
-    stats = {"count": len(pairs), "successes": len(pairs), "failed_to_download": 0}
-    path.with_name(f"{path.name.split('.')[0]}_stats.json").write_text(json.dumps(stats) + "\n")
+def _sample(pair: Pair, number: int, root: Path) -> dict[str, Any]:
+    """The shard sample ``number`` of a folder's ``pair``: the image's bytes as they are, every
+    caption line, and the pair's path in the folder."""
+    caption = "\n".join(pair.captions) + "\n"
+    source = json.dumps({"source": pair.image.relative_to(root).as_posix()})
+    return {"__key__": f"{number:09d}", pair.image.suffix.lower().lstrip("."): pair.image.read_bytes(),
+            "txt": caption.encode(), "json": source.encode()}
 
 
 def folder_to_shards(folder: Path, output: Path, per_shard: int) -> int:
     """Every usable pair of ``folder`` into shards of ``per_shard`` under ``output``."""
-    if per_shard < 1:
-        raise TrainError(f"--samples-per-shard must be at least 1, not {per_shard}")
+    sink = ShardSink(output, per_shard)  # checks per_shard before anything is written
     root = check_folder(folder, "images with .txt captions")
     report = SkipReport()
     pairs, _ = scan_pairs(root, report)
     if not pairs:
         raise TrainError(f"{root} holds no usable image-text pair ({report.summary()})")
-    _empty_output(output)
+    empty_output(output)
     endings: Counter[str] = Counter(pair.image.suffix.lower().lstrip(".") for pair in pairs)
-    starts = range(0, len(pairs), per_shard)
-    with tqdm(total=len(pairs), desc="shards", unit="pair", dynamic_ncols=True) as bar:
-        for shard, start in enumerate(starts):
-            chunk = pairs[start:start + per_shard]
-            _write_shard(output / f"{shard:05d}.tar", chunk, start, root)
-            bar.update(len(chunk))
+    with sink, tqdm(total=len(pairs), desc="shards", unit="pair", dynamic_ncols=True) as bar:
+        for number, pair in enumerate(pairs):
+            sink.write(_sample(pair, number, root))
+            bar.update(1)
     skipped = f"; {report.summary()}" if report.count() else ""
-    print(f"wrote {len(pairs)} pairs in {len(starts)} shards to {output}{skipped}")
+    print(f"wrote {len(pairs)} pairs in {len(sink.counts)} shards to {output}{skipped}")
     print(f"train from them with: --wds {';'.join(sorted(endings))},txt --image-text-folder {output}")
     return 0
 
@@ -130,7 +114,7 @@ def _destination(raw: dict[str, Any], shard_name: str) -> PurePosixPath:
 def shards_to_folder(source: str, keys: WdsKeys, output: Path) -> int:
     """Every usable sample of the shards of ``source`` as an image and a caption file."""
     shards = shard_list(source)
-    _empty_output(output)
+    empty_output(output)
     report, written = SkipReport(), 0
     with tqdm(total=shards.samples, desc="folder", unit="sample", dynamic_ncols=True) as bar:
         for url in shards.urls:
