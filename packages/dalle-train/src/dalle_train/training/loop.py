@@ -109,8 +109,7 @@ class LoopSettings:
             raise TrainError("the data's size is unknown (shards without img2dataset's _stats.json, remote "
                              "or piped, or --resample-shards), so --epochs cannot say when to stop: give "
                              "--max-steps")
-        by_epochs = self.epochs * batches_per_epoch // self.ga_steps
-        return self.max_steps if self.max_steps is not None else max(by_epochs, 1)
+        return max(self.epochs * batches_per_epoch // self.ga_steps, 1)
 
     def plan(self) -> StepPlan:
         """What the distributed backend is told about stepping (`DistributedBackend.wrap`)."""
