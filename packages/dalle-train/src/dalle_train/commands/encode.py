@@ -131,11 +131,11 @@ def run(args: argparse.Namespace) -> int:
                                     *crop)
     else:
         total, pairs = _folder_pairs(Path(args.image_text_folder), *crop)
+    sink = ShardSink(args.output, args.samples_per_shard)  # checks the size before a folder is made
     empty_output(args.output)
     vae = vae.to(device).eval()
     codes_per_image = None
-    with torch.no_grad(), ShardSink(args.output, args.samples_per_shard) as sink, \
-            tqdm(total=total, desc="encode", unit="image", dynamic_ncols=True) as bar:
+    with torch.no_grad(), sink, tqdm(total=total, desc="encode", unit="image", dynamic_ncols=True) as bar:
         for batch in _batches(pairs, args.batch_size, bar):
             images = torch.stack([image for _, image, _ in batch]).to(device, torch.float32)  # [B, C, S, S]
             codes = vae.get_codebook_indices(images).cpu()  # [B, m]
