@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -40,7 +39,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_scaling import CONFIG_A, make_vae, steady_rate  # noqa: E402
+from bench_scaling import CONFIG_A, make_vae, report, steady_rate  # noqa: E402
 
 PAIRS, BATCH, WARMUP, TIMED = 512, 8, 4, 40
 SIZES = (64, 256)
@@ -207,11 +206,7 @@ def main() -> None:
         f"consumes ({consumed:.1f} samples/s): "
         + ("never the bottleneck" if slowest_tar > consumed else "**the bottleneck**"),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not options.no_write:
-        (HERE / "data.md").write_text(text)
-        (HERE / "data.json").write_text(json.dumps(result, indent=1) + "\n")
+    report("data", lines, result, write=not options.no_write)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,16 @@ def allreduce_ms(library: str, extra_env: dict[str, str]) -> list[float]:
     return json.loads(reports[0])["ms"]
 
 
+def report(stem: str, lines: list[str], result: dict, write: bool) -> None:
+    """Print the markdown ``lines``; with ``write``, keep them as ``benchmarks/STEM.md`` and
+    ``result`` as ``STEM.json``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if write:
+        (HERE / f"{stem}.md").write_text(text)
+        (HERE / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
@@ -168,11 +178,7 @@ def main() -> None:
         median = statistics.median(figures)
         runs = ", ".join(f"{ms:.1f}" for ms in figures)
         lines.append(f"| {library} gloo | {median:.1f} ({runs}) | {median / torch_ms:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not options.no_write:
-        (HERE / "scaling.md").write_text(text)
-        (HERE / "scaling.json").write_text(json.dumps(result, indent=1) + "\n")
+    report("scaling", lines, result, write=not options.no_write)
 
 
 if __name__ == "__main__":

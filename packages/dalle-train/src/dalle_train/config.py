@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from dalle_train.data.shards import is_local
 from dalle_train.errors import TrainError
 from dalle_train.training.precision import precision_from_flags
 
@@ -269,7 +270,7 @@ class CaptionedData(Data):
         ``data``) and a URL as written."""
         section = super().from_args(args)
         source = section.image_text_folder
-        if source is not None and "://" not in source and not source.startswith("pipe:"):
+        if source is not None and is_local(source):
             section = dataclasses.replace(section, image_text_folder=str(Path(source)))
         return section
 

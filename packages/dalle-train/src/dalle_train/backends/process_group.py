@@ -58,7 +58,7 @@ class ProcessGroupBackend(DistributedBackend):
         return int(os.environ["LOCAL_RANK"])
 
     def device(self, requested: torch.device) -> torch.device:
-        """``cuda:<local_rank>`` when a CUDA device is asked for, else the CPU."""
+        """``cuda:<local_rank>`` when a CUDA device is asked for, else ``requested``."""
         self._device = local_device(requested, self.local_rank)
         return self._device
 

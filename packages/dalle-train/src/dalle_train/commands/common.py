@@ -94,6 +94,23 @@ def add_training_flags(parser: argparse.ArgumentParser, *, batch_size: int, lear
     add_flag(group, "--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
 
 
+def add_wds_flags(group: Any, wds_help: str) -> None:
+    """``--wds IMAGE_KEY,CAPTION_KEY`` (what it does here: ``wds_help``) and ``--wds-caption-field``."""
+    add_flag(group, "--wds", metavar="IMAGE_KEY,CAPTION_KEY", help=wds_help)
+    add_flag(group, "--wds-caption-field", default="caption",
+             help="the JSON field a --wds ...,json caption is read from (default caption)")
+
+
+def documented_parser(subparsers: Any, name: str, summary: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (``summary`` in ``dalle-train --help``): its
+    description is the first paragraph of ``doc`` (its module's docstring), its epilog the
+    rest, as written."""
+    assert doc is not None
+    description, epilog = doc.split("\n\n", 1)
+    return subparsers.add_parser(name, help=summary, description=description, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_data_flags(parser: argparse.ArgumentParser, *, folder_flag: str, captions: bool) -> None:
     """The data source: a folder (``--image-folder`` / ``--image-text-folder``) or a built-in set."""
     group = parser.add_argument_group("data")
@@ -112,12 +129,9 @@ def add_data_flags(parser: argparse.ArgumentParser, *, folder_flag: str, caption
                  help="smallest area fraction of the random square crop (default 0.75)")
         add_flag(group, "--truncate-captions", action="store_true",
                  help="cut captions longer than --text-seq-len instead of stopping")
-        add_flag(group, "--wds", metavar="IMAGE_KEY,CAPTION_KEY",
-                 help="read --image-text-folder as WebDataset shards whose samples hold these files "
-                      "(--wds jpg,txt; jpg;png takes either; a json caption is read from "
-                      "--wds-caption-field)")
-        add_flag(group, "--wds-caption-field", default="caption",
-                 help="the JSON field a --wds ...,json caption is read from (default caption)")
+        add_wds_flags(group, "read --image-text-folder as WebDataset shards whose samples hold these files "
+                             "(--wds jpg,txt; jpg;png takes either; a json caption is read from "
+                             "--wds-caption-field)")
         add_flag(group, "--resample-shards", action="store_true",
                  help="draw the shards with replacement, for many nodes (needs --max-steps)")
         add_flag(group, "--tokens", metavar="DIR",

@@ -31,7 +31,7 @@ from dalle_train.choices import (
     tokenizer_from_args,
     vae_from_args,
 )
-from dalle_train.commands.common import device_from_flag
+from dalle_train.commands.common import add_wds_flags, device_from_flag, documented_parser
 from dalle_train.data.folder import ImageTextFolder
 from dalle_train.data.report import SkipReport
 from dalle_train.data.shard_sink import ShardSink, empty_output
@@ -48,15 +48,11 @@ Pair = tuple[str, torch.Tensor, list[str]]
 
 def register(subparsers: Any) -> None:
     """Add ``dalle-train encode``."""
-    parser = subparsers.add_parser("encode", help="encode images once with a VAE, for dalle --tokens",
-                                   description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+    parser = documented_parser(subparsers, "encode", "encode images once with a VAE, for dalle --tokens",
+                               __doc__)
     add_flag(parser, "--image-text-folder", required=True,
              help="a folder of images with .txt captions; with --wds, WebDataset shards")
-    add_flag(parser, "--wds", metavar="IMAGE_KEY,CAPTION_KEY", help="read shards (as dalle --wds)")
-    add_flag(parser, "--wds-caption-field", default="caption",
-             help="the JSON field a --wds ...,json caption is read from (default caption)")
+    add_wds_flags(parser, "read shards (as dalle --wds)")
     add_flag(parser, "--output", type=Path, required=True, help="the folder of pre-encoded shards to write")
     add_vae_flags(parser)
     add_tokenizer_flags(parser, default_help="none: captions kept as text only")
@@ -134,21 +130,22 @@ def run(args: argparse.Namespace) -> int:
     sink = ShardSink(args.output, args.samples_per_shard)  # checks the size before a folder is made
     empty_output(args.output)
     vae = vae.to(device).eval()
-    codes_per_image = None
+    codes_per_image, written = None, 0
     with torch.no_grad(), sink, tqdm(total=total, desc="encode", unit="image", dynamic_ncols=True) as bar:
         for batch in _batches(pairs, args.batch_size, bar):
             images = torch.stack([image for _, image, _ in batch]).to(device, torch.float32)  # [B, C, S, S]
             codes = vae.get_codebook_indices(images).cpu()  # [B, m]
             codes_per_image = codes.shape[1]
             for (source, _, lines), row in zip(batch, codes):
-                sample = {"__key__": f"{sum(sink.counts):09d}", CODES: codes_bytes(row),
+                sample = {"__key__": f"{written:09d}", CODES: codes_bytes(row),
                           CAPTIONS: ("\n".join(lines) + "\n").encode(),
                           "json": json.dumps({"source": source}).encode()}
                 if tokenizer is not None:
                     sample[TOKENS] = json.dumps([tokenizer.encode(line) for line in lines]).encode()
                 sink.write(sample)
+                written += 1
             bar.update(len(batch))
-    if not sink.counts:
+    if not written:
         raise TrainError(f"{args.image_text_folder} gave no usable image-text pair ({report.summary()})")
     manifest = {
         "format": FORMAT,
@@ -158,11 +155,11 @@ def run(args: argparse.Namespace) -> int:
         "channels": channels, "image_seq_len": codes_per_image, "num_tokens": vae.num_tokens,
         "crop": {"resize_ratio": args.random_resize_crop_lower_ratio, "seed": args.seed},
         "shards": [{"name": f"{n:05d}.tar", "samples": count} for n, count in enumerate(sink.counts)],
-        "samples": sum(sink.counts), "skipped": report.as_dict(),
+        "samples": written, "skipped": report.as_dict(),
     }
     (args.output / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     skipped = f"; {report.summary()}" if report.count() else ""
-    print(f"encoded {sum(sink.counts)} images into {len(sink.counts)} shards of {codes_per_image} codes in "
+    print(f"encoded {written} images into {len(sink.counts)} shards of {codes_per_image} codes in "
           f"{args.output}{skipped}")
     print(f"train from them with: dalle-train dalle --tokens {args.output} --vae-path ... (the same VAE)")
     return 0

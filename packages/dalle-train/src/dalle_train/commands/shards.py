@@ -24,30 +24,25 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tqdm import tqdm
-from webdataset.tariterators import tarfile_samples
 
+from dalle_train.commands.common import add_wds_flags, documented_parser
 from dalle_train.data.report import SkipReport
 from dalle_train.data.scan import CAPTION_EXTENSION, Pair, check_folder, scan_pairs
 from dalle_train.data.shard_sink import ShardSink, empty_output
 from dalle_train.data.shards import shard_list
-from dalle_train.data.stream import WdsKeys, caption_lines
+from dalle_train.data.stream import PixelDecoder, ShardStream, WdsKeys, source_of
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 
 
 def register(subparsers: Any) -> None:
     """Add ``dalle-train shards``."""
-    parser = subparsers.add_parser("shards", help="convert an image-text folder to WebDataset shards or back",
-                                   description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+    parser = documented_parser(subparsers, "shards",
+                               "convert an image-text folder to WebDataset shards or back", __doc__)
     add_flag(parser, "--image-text-folder", required=True,
              help="the folder to convert; with --wds, the shards (as dalle-train dalle --wds reads them)")
     add_flag(parser, "--output", type=Path, required=True, help="where the shards (or the folder) go")
-    add_flag(parser, "--wds", metavar="IMAGE_KEY,CAPTION_KEY",
-             help="convert shards to a folder, reading these files of each sample")
-    add_flag(parser, "--wds-caption-field", default="caption",
-             help="the JSON field a --wds ...,json caption is read from (default caption)")
+    add_wds_flags(parser, "convert shards to a folder, reading these files of each sample")
     add_flag(parser, "--samples-per-shard", type=int, default=1000,
              help="pairs per shard when writing shards (default 1000)")
     parser.set_defaults(run=run)
@@ -112,36 +107,28 @@ def _destination(raw: dict[str, Any], shard_name: str) -> PurePosixPath:
 
 
 def shards_to_folder(source: str, keys: WdsKeys, output: Path) -> int:
-    """Every usable sample of the shards of ``source`` as an image and a caption file."""
+    """Every usable sample of the shards of ``source`` as an image and a caption file (their
+    bytes as they are: the image is not decoded)."""
     shards = shard_list(source)
     empty_output(output)
-    report, written = SkipReport(), 0
+    decoder = PixelDecoder(keys, image_size=1)  # only its checks of the sample's files
+    report, written = decoder.report, 0
     with tqdm(total=shards.samples, desc="folder", unit="sample", dynamic_ncols=True) as bar:
-        for url in shards.urls:
-            shard_name = Path(url).name.split(".")[0]
-            for raw in tarfile_samples([{"url": url}]):
-                bar.update(1)
-                name = f"{raw['__key__']} in {url}"
-                ending = next((key for key in keys.image if key in raw), None)
-                if ending is None:
-                    report.add("missing_image", name, f"no {' or '.join(keys.image)} file in the sample")
-                    continue
-                if keys.caption not in raw:
-                    report.add("missing_caption", name, f"no {keys.caption} file in the sample")
-                    continue
-                lines = caption_lines(raw[keys.caption], keys, name, report)
-                if lines is None:
-                    continue
-                place = output / _destination(raw, shard_name)
-                image = place.with_name(f"{place.name}.{ending}")
-                if image.exists():
-                    report.add("duplicate_key", name, f"{image} was written by an earlier sample")
-                    continue
-                image.parent.mkdir(parents=True, exist_ok=True)
-                image.write_bytes(raw[ending])
-                place.with_name(place.name + CAPTION_EXTENSION).write_text("\n".join(lines) + "\n")
-                written += 1
+        for _, _, raw in ShardStream(shards, decoder).raw_samples():
+            bar.update(1)
+            ending = decoder.image_ending(raw)
+            lines = decoder.lines(raw) if ending is not None else None
+            if ending is None or lines is None:
+                continue
+            place = output / _destination(raw, Path(raw["__url__"]).name.split(".")[0])
+            image = place.with_name(f"{place.name}.{ending}")
+            if image.exists():
+                report.add("duplicate_key", source_of(raw), f"{image} was written by an earlier sample")
+                continue
+            image.parent.mkdir(parents=True, exist_ok=True)
+            image.write_bytes(raw[ending])
+            place.with_name(place.name + CAPTION_EXTENSION).write_text("\n".join(lines) + "\n")
+            written += 1
     skipped = f"; {report.summary()}" if report.count() else ""
     print(f"wrote {written} image-text pairs to {output}{skipped}")
     return 0 if written else 1
-

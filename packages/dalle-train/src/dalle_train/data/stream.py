@@ -25,9 +25,9 @@ import copy
 import io
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -69,16 +69,27 @@ class WdsKeys:
         return cls(image, parts[1], caption_field)
 
 
-def caption_lines(value: bytes, keys: WdsKeys, source: str, report: SkipReport) -> list[str] | None:
-    """The non-empty lines of a text caption, or of the JSON field ``keys`` names; None (told
-    to ``report`` as ``source``) when there are none or the value cannot be read."""
+def source_of(raw: dict[str, Any]) -> str:
+    """How messages name a raw sample: "KEY in SHARD"."""
+    return f"{raw['__key__']} in {raw['__url__']}"
+
+
+def caption_lines(raw: dict[str, Any], ending: str, report: SkipReport,
+                  json_field: str | None = None) -> list[str] | None:
+    """The non-empty lines of the sample's ``ending`` file, or of the field ``json_field`` of the
+    JSON in it (a list of strings counts as lines); None, told to ``report``, when the file is
+    missing or unreadable or holds no line."""
+    source = source_of(raw)
+    if ending not in raw:
+        report.add("missing_caption", source, f"no {ending} file in the sample")
+        return None
     try:
-        text = value.decode("utf-8")
-        if keys.caption == "json":
-            field = json.loads(text).get(keys.caption_field)
+        text = raw[ending].decode("utf-8")
+        if json_field is not None:
+            field = json.loads(text).get(json_field)
             text = "\n".join(field) if isinstance(field, list) else field
             if not isinstance(text, str):
-                reason = f"its JSON has no text field {keys.caption_field!r} (--wds-caption-field)"
+                reason = f"its JSON has no text field {json_field!r} (--wds-caption-field)"
                 report.add("missing_caption", source, reason)
                 return None
     except (UnicodeDecodeError, ValueError, AttributeError) as error:
@@ -103,27 +114,29 @@ class PixelDecoder:
         self.resize_ratio, self.seed = resize_ratio, seed
         self.report = SkipReport() if report is None else report
 
+    def image_ending(self, raw: dict[str, Any]) -> str | None:
+        """The first of the image endings the sample has; None (reported) when it has none."""
+        ending = next((key for key in self.keys.image if key in raw), None)
+        if ending is None:
+            reason = f"no {' or '.join(self.keys.image)} file in the sample"
+            self.report.add("missing_image", source_of(raw), reason)
+        return ending
+
     def lines(self, raw: dict[str, Any]) -> list[str] | None:
         """Every caption line of the sample; None (reported) when it has none."""
-        source = f"{raw['__key__']} in {raw['__url__']}"
-        if self.keys.caption not in raw:
-            self.report.add("missing_caption", source, f"no {self.keys.caption} file in the sample")
-            return None
-        return caption_lines(raw[self.keys.caption], self.keys, source, self.report)
+        field = self.keys.caption_field if self.keys.caption == "json" else None
+        return caption_lines(raw, self.keys.caption, self.report, field)
 
     def __call__(self, raw: dict[str, Any], epoch: int, shard: int, index: int) -> Sample | None:
-        source = f"{raw['__key__']} in {raw['__url__']}"
-        image_bytes = next((raw[key] for key in self.keys.image if key in raw), None)
-        if image_bytes is None:
-            self.report.add("missing_image", source, f"no {' or '.join(self.keys.image)} file in the sample")
-            return None
-        lines = self.lines(raw)
-        if lines is None:
+        ending = self.image_ending(raw)
+        lines = self.lines(raw) if ending is not None else None
+        if ending is None or lines is None:
             return None
         rng = generator(self.seed, epoch, shard, index)
         caption = lines[int(torch.randint(len(lines), (1,), generator=rng))]
+        source = source_of(raw)
         try:
-            image = load_image(io.BytesIO(image_bytes), self.channels, name=source)
+            image = load_image(io.BytesIO(raw[ending]), self.channels, name=source)
         except CorruptImageError as error:
             self.report.add("corrupt_image", source, error.reason)
             return None
@@ -131,9 +144,14 @@ class PixelDecoder:
         return Sample(to_tensor(image), caption, source)
 
 
-#: what a `ShardStream` decodes samples with: ``(raw sample, epoch, shard, index) -> Sample | None``,
-#: with a ``report`` of what it skipped (`PixelDecoder`, `dalle_train.data.tokens.CodeDecoder`)
-Decoder = Callable[[dict[str, Any], int, int, int], Sample | None]
+class Decoder(Protocol):
+    """What a `ShardStream` decodes samples with (`PixelDecoder`,
+    `dalle_train.data.tokens.CodeDecoder`): a raw sample of shard ``shard`` at ``index``, read
+    in ``epoch`` -> `Sample` (None for one it skipped, told to its ``report``)."""
+
+    report: SkipReport
+
+    def __call__(self, raw: dict[str, Any], epoch: int, shard: int, index: int) -> Sample | None: ...
 
 
 class ShardStream(IterableDataset):
@@ -150,7 +168,7 @@ class ShardStream(IterableDataset):
         self.shards, self.decode = shards, decode
         self.seed, self.batch_size, self.resample = seed, batch_size, resample
         self.rank, self.world_size = rank, world_size
-        self.report: SkipReport = decode.report  # type: ignore[attr-defined]
+        self.report = decode.report
         self.workers = 1  # readers per process, set by `StreamBatches`
         #: reader -> where it starts, and the reader whose batch comes first (of this process's,
         #: 0 to workers - 1): set before the DataLoader copies this object to its workers
@@ -167,12 +185,18 @@ class ShardStream(IterableDataset):
         part.batch_size, part.rank, part.world_size, part.starts = batch_size, rank, world_size, {}
         return part
 
-    def in_order(self) -> Iterator[tuple[dict[str, Any], Sample | None]]:
-        """Every raw sample of the shards in their listed order, with what it decodes to
-        (epoch 0's random choices; None for a skipped one)."""
+    def raw_samples(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """``(shard, index, raw sample)`` of every sample of the shards in their listed order (a
+        shard that cannot be read to its end is reported and left)."""
         for shard in range(len(self.shards)):
             for index, raw in self._read(shard, 0):
-                yield raw, self.decode(raw, 0, shard, index)
+                yield shard, index, raw
+
+    def in_order(self) -> Iterator[tuple[dict[str, Any], Sample | None]]:
+        """`raw_samples` with what each decodes to (epoch 0's random choices; None for a
+        skipped one)."""
+        for shard, index, raw in self.raw_samples():
+            yield raw, self.decode(raw, 0, shard, index)
 
     def first_samples(self, count: int) -> list[Sample]:
         """The first ``count`` usable samples of `in_order`, for prompts; fewer when the shards

@@ -6,7 +6,8 @@ A folder of pre-encoded shards holds ``00000.tar``, ``00001.tar``... whose sampl
 pickles), ``KEY.txt`` (every caption line), ``KEY.json`` (where the pair came from) and, when
 a tokenizer was given,
 ``KEY.tokens.json`` (each line's token ids); and ``manifest.json``: the format, the VAE (its
-registry name, class, config and a SHA-256 of its weights), the tokenizer likewise (or None),
+registry name, class, config and a SHA-256 of its weights), the tokenizer's name, class and
+config (or None),
 image size, codes per image, the crop, the samples per shard and what was skipped.
 
 `dalle-train dalle --tokens DIR` trains from them without reading pixels or running the VAE's
@@ -28,7 +29,7 @@ from torch import nn
 from dalle_train.data.report import SkipReport
 from dalle_train.data.sample import Sample
 from dalle_train.data.seeding import generator
-from dalle_train.data.stream import WdsKeys, caption_lines
+from dalle_train.data.stream import caption_lines, source_of
 from dalle_train.errors import TrainError
 
 MANIFEST = "manifest.json"
@@ -118,17 +119,13 @@ class CodeDecoder:
     def __init__(self, image_seq_len: int, seed: int = 0, report: SkipReport | None = None) -> None:
         self.image_seq_len, self.seed = image_seq_len, seed
         self.report = SkipReport() if report is None else report
-        self.keys = WdsKeys((CODES,), CAPTIONS)
 
     def __call__(self, raw: dict[str, Any], epoch: int, shard: int, index: int) -> Sample | None:
-        source = f"{raw['__key__']} in {raw['__url__']}"
+        source = source_of(raw)
         if CODES not in raw:
             self.report.add("missing_image", source, f"no {CODES} file in the sample")
             return None
-        if CAPTIONS not in raw:
-            self.report.add("missing_caption", source, f"no {CAPTIONS} file in the sample")
-            return None
-        lines = caption_lines(raw[CAPTIONS], self.keys, source, self.report)
+        lines = caption_lines(raw, CAPTIONS, self.report)
         if lines is None:
             return None
         try:
