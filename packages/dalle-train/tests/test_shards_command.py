@@ -115,3 +115,14 @@ def test_an_interrupted_conversion_leaves_only_whole_shards(tmp_path):
         for number in range(3):
             sink.write({"__key__": f"{number:09d}", "txt": b"x"})
     assert sink.counts == [2, 1] and shard_list(str(tmp_path / "whole")).sizes == (2, 1)
+
+
+def test_a_broken_shard_is_reported_and_the_others_converted(tmp_path, capsys):
+    img2dataset_shards(tmp_path / "shards", shards=2, per_shard=5)
+    whole = (tmp_path / "shards" / "00001.tar").read_bytes()
+    (tmp_path / "shards" / "00001.tar").write_bytes(whole[:1500])  # cut inside its first sample
+    assert main(["shards", "--wds", "jpg,txt", "--image-text-folder", str(tmp_path / "shards"),
+                 "--output", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 4 image-text pairs" in printed and "1 shard not read to its end" in printed  # 00000's four
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000"]
