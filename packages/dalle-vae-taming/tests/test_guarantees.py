@@ -11,18 +11,30 @@
   Gumbel one included; zip or legacy format) holding a pickled object whose unpickling would
   call a function is refused with an error naming the file; a class the pickle would construct
   becomes an inert stand-in (Lightning callbacks) in zip files; no code ever runs. A saved
-  VQGanVAE whose ``model.safetensors`` is a pickle is refused too.
+  VQGanVAE whose ``model.safetensors`` is a pickle is refused too. A Lightning checkpoint whose
+  hyper-parameters are dict and list subclasses (``AttributeDict``) of a module that is not
+  installed loads, and that module is never imported.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from vqgan_files import VQGanFiles, lightning_checkpoint, random_state_dict, taming_yaml, write_vqgan
+from vqgan_files import (
+    UNINSTALLED,
+    VQGanFiles,
+    lightning_checkpoint,
+    random_state_dict,
+    taming_yaml,
+    write_uninstalled_lightning_vqgan,
+    write_vqgan,
+)
 
 from dalle_core import DALLE
 from dalle_core.download import OFFLINE_ENV, OfflineError
@@ -36,6 +48,7 @@ from dalle_core.testing.pickles import (
     write_code_pickle,
 )
 from dalle_vae_taming import VQGanVAE
+from dalle_vae_taming.checkpoint import load_lightning_state_dict
 
 IMAGENET_CONFIG_URL = "https://heibox.uni-heidelberg.de/f/6ecf2af6c658432c8298/?dl=1"
 IMAGENET_MODEL_URL = "https://heibox.uni-heidelberg.de/f/140747ba53464f49b476/?dl=1"
@@ -229,3 +242,49 @@ def test_saved_weights_that_are_a_code_pickle_are_refused_unrun(
         else:
             DALLE.from_pretrained(tmp_path / "dalle")
     assert not marker.exists()
+
+
+@pytest.fixture
+def uninstalled_files(tmp_path: Path) -> VQGanFiles:
+    """The tiny VQModel of ``vq_files`` (same config, same weights) in a checkpoint whose
+    hyper-parameters and callbacks are of classes that cannot be imported."""
+    return write_uninstalled_lightning_vqgan(tmp_path / "run", taming_yaml(), seed=0)
+
+
+def imports_of_uninstalled(files: VQGanFiles) -> int:
+    return len((files.model.parent / "imports.log").read_text().splitlines())
+
+
+@pytest.mark.parametrize("importable", [False, True])
+def test_lightning_hyper_parameters_of_dict_and_list_subclasses_load_unimported(
+    uninstalled_files: VQGanFiles, importable: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``AttributeDict`` hyper-parameters (dict and list subclasses, an object, a defaultdict)
+    and callbacks keyed by a class: the weights load and the classes' module is never imported,
+    whether it is absent (Lightning not installed) or could be imported."""
+    assert imports_of_uninstalled(uninstalled_files) == 1  # while saving
+    if importable:
+        monkeypatch.syspath_prepend(str(uninstalled_files.model.parent))
+    assert (importlib.util.find_spec(UNINSTALLED) is not None) == importable
+    state = load_lightning_state_dict(uninstalled_files.model)
+    expected = random_state_dict(taming_yaml(), seed=0)
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in state.items())
+    assert UNINSTALLED not in sys.modules
+    assert imports_of_uninstalled(uninstalled_files) == 1
+
+
+def test_vqgan_from_a_lightning_checkpoint_of_uninstalled_classes(
+    uninstalled_files: VQGanFiles, vq_files: VQGanFiles
+) -> None:
+    """``VQGanVAE(vqgan_model_path=..., vqgan_config_path=...)`` on such a checkpoint is the
+    VQGAN of the same weights in a plain Lightning checkpoint: same weights, codes and images."""
+    vae, reference = load(uninstalled_files), load(vq_files)
+    expected = reference.model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in vae.model.state_dict().items())
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    codes = vae.get_codebook_indices(images)
+    assert torch.equal(codes, reference.get_codebook_indices(images))
+    assert torch.equal(vae.decode(codes), reference.decode(codes))
+    assert UNINSTALLED not in sys.modules
+    assert imports_of_uninstalled(uninstalled_files) == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,88 @@ def write_vqgan(directory: Path, yaml_text: str, seed: int = 0) -> VQGanFiles:
     files = VQGanFiles(directory / "model.yaml", directory / "last.ckpt")
     files.config.write_text(yaml_text)
     torch.save(lightning_checkpoint(random_state_dict(yaml_text, seed)), files.model)
+    return files
+
+
+#: the module of the classes in `write_uninstalled_lightning_vqgan`'s checkpoint
+UNINSTALLED = "uninstalled_lightning"
+
+UNINSTALLED_SOURCE = '''"""Classes shaped like Lightning's, written by the tests. Each import logs a line."""
+
+with open({log!r}, "a") as handle:
+    handle.write("imported\\n")
+
+
+class AttributeDict(dict):
+    """As ``lightning_fabric.utilities.data.AttributeDict``: a dict with attribute access."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as error:
+            raise AttributeError(key) from error
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+class TaggedDict(dict):
+    """A dict subclass whose objects also carry attributes."""
+
+
+class Metrics(list):
+    """A list subclass."""
+
+
+class EarlyStopping:
+    """A callback class: old Lightning versions key ``checkpoint["callbacks"]`` by it."""
+
+
+class Namespace:
+    """An object pickled with its attributes."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+'''
+
+
+def write_uninstalled_lightning_vqgan(directory: Path, yaml_text: str, seed: int = 0) -> VQGanFiles:
+    """`write_vqgan`, but the checkpoint's ``hyper_parameters`` is an ``AttributeDict`` (a dict
+    subclass) holding a dict subclass with attributes, a list subclass (and the class itself),
+    an object and a ``defaultdict``, and its ``callbacks`` are keyed by a callback class. Those
+    classes live in the module `UNINSTALLED`, written to ``directory`` (each import of it
+    appends a line to ``directory / "imports.log"``) and in ``sys.modules`` only while saving:
+    afterwards it cannot be imported, as Lightning on a machine without it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    source = directory / f"{UNINSTALLED}.py"
+    source.write_text(UNINSTALLED_SOURCE.format(log=str(directory / "imports.log")))
+    files = VQGanFiles(directory / "model.yaml", directory / "last.ckpt")
+    files.config.write_text(yaml_text)
+    spec = importlib.util.spec_from_file_location(UNINSTALLED, source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[UNINSTALLED] = module
+    try:
+        spec.loader.exec_module(module)
+        tagged = module.TaggedDict(monitor="val/rec_loss", mode="min")
+        tagged.flags = {"readonly": True}
+        hyper_parameters = module.AttributeDict(
+            base_learning_rate=4.5e-6,
+            config=tagged,
+            metrics_class=module.Metrics,  # pickled before its object, which refers to it by memo
+            metrics=module.Metrics(["val/rec_loss", "val/aeloss"]),
+            args=module.Namespace(batch_size=8, gpus="0,"),
+            history=collections.defaultdict(list, loss=[0.5, 0.25]),
+        )
+        checkpoint = {
+            "hyper_parameters": hyper_parameters,  # first: what a loader without stand-ins refuses first
+            "callbacks": {module.EarlyStopping: {"wait_count": 2, "best_score": torch.tensor(0.5)}},
+            "epoch": 12,
+            "global_step": 34567,
+            "state_dict": collections.OrderedDict(random_state_dict(yaml_text, seed)),
+        }
+        torch.save(checkpoint, files.model)
+    finally:
+        del sys.modules[UNINSTALLED]
     return files
 
 

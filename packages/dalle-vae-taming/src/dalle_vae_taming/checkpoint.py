@@ -8,12 +8,22 @@ whatever the file names. Here the file is loaded with ``weights_only=True`` afte
 global that torch does not allow to an inert stand-in class defined in this module (an empty
 subclass of `SkippedObject`): the unpickler never imports or calls anything the file names,
 tensors are rebuilt by torch's own allow-listed functions, and only ``state_dict`` is kept.
+
+torch's unpickler adds items (SETITEM(S), APPEND(S)) only to objects whose type is exactly
+``dict``/``OrderedDict``/``Counter`` or ``list``. So the pickle's opcodes are first run over
+placeholders (`filled_classes`, nothing is built): a class whose objects get items, a dict
+subclass such as ``AttributeDict`` or ``defaultdict`` or a list subclass, is bound to a
+subclass of `SkippedDict` or `SkippedList` instead, which builds an empty ``OrderedDict`` (that
+also takes attributes, BUILD) or ``list``. A list subclass whose objects also carry attributes,
+or a dict subclass with ``__slots__``, cannot be rebuilt this way: such a file is refused.
 """
 
 from __future__ import annotations
 
 import pickle
+import pickletools
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,27 @@ class SkippedObject:
         pass
 
 
+class SkippedDict(SkippedObject):
+    """Stands in for a pickled ``dict`` subclass: builds an empty ``OrderedDict``, the one type
+    torch's unpickler gives both items and attributes (the stand-in's objects are never used)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OrderedDict:  # type: ignore[misc]
+        return OrderedDict()
+
+
+class SkippedList(SkippedObject):
+    """Stands in for a pickled ``list`` subclass: builds an empty ``list``, the one type torch's
+    unpickler appends to."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> list:  # type: ignore[misc]
+        return []
+
+
+#: the stand-in base for a class whose objects the pickle gives items with this opcode
+_FILLED_BY = {"SETITEM": SkippedDict, "SETITEMS": SkippedDict, "APPEND": SkippedList, "APPENDS": SkippedList}
+_GETS, _PUTS = {"GET", "BINGET", "LONG_BINGET"}, {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
 def stand_ins(path: Path) -> list[tuple[type, str]]:
     """``(stand-in class, global name)`` for each global in ``path`` that torch does not allow.
 
@@ -42,12 +73,70 @@ def stand_ins(path: Path) -> list[tuple[type, str]]:
     """
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (ValueError, RuntimeError, zipfile.BadZipFile):
+        filled = filled_classes(path) if unsafe else {}
+    except (ValueError, RuntimeError, KeyError, zipfile.BadZipFile):
         return []
     return [
-        (type(name.rsplit(".", 1)[-1], (SkippedObject,), {"__module__": __name__, "skipped": name}), name)
+        (
+            type(
+                name.rsplit(".", 1)[-1],
+                (filled.get(name, SkippedObject),),
+                {"__module__": __name__, "skipped": name},
+            ),
+            name,
+        )
         for name in sorted(unsafe)
     ]
+
+
+def filled_classes(path: Path) -> dict[str, type[SkippedObject]]:
+    """``global name -> SkippedDict or SkippedList`` for each class whose objects the pickle of
+    the zip checkpoint ``path`` gives items (a dict or list subclass).
+
+    The opcodes run on a stack of placeholders: ``("class", name)`` for a global,
+    ``("object", name)`` for what NEWOBJ or REDUCE builds from it, None for anything else.
+    Names are as the pickle spells them; the Python 2 names that torch maps back (such as
+    ``__builtin__.list``) are those of builtin types, whose objects pickles build with their own
+    opcodes (EMPTY_DICT, EMPTY_LIST), not from the name.
+    Raises ValueError if the pickle is malformed.
+    """
+    with zipfile.ZipFile(path) as archive:  # records sit in one folder, as torch's reader expects
+        data = archive.read(archive.namelist()[0].split("/", 1)[0] + "/data.pkl")
+    filled: dict[str, type[SkippedObject]] = {}
+    stack: list[tuple[str, str] | None] = []
+    marks: list[int] = []
+    memo: dict[int, tuple[str, str] | None] = {}
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "MARK":
+            marks.append(len(stack))
+            continue
+        count = len(op.stack_before)
+        if pickletools.markobject in op.stack_before:
+            if not marks:
+                raise ValueError(f"{op.name} without MARK")
+            del stack[marks.pop():]
+            count = op.stack_before.index(pickletools.markobject)
+        if count > len(stack) or (op.name in _PUTS and not stack):
+            raise ValueError(f"{op.name} on a stack too short")
+        operands = stack[len(stack) - count:]
+        del stack[len(stack) - count:]
+        if op.name == "GLOBAL":
+            stack.append(("class", arg.replace(" ", ".")))
+        elif op.name in ("NEWOBJ", "REDUCE"):
+            made = operands[0]
+            stack.append(("object", made[1]) if made and made[0] == "class" else None)
+        elif op.name in _FILLED_BY or op.name == "BUILD":  # the target stays on the stack
+            target = operands[0]
+            if op.name in _FILLED_BY and target and target[0] == "object":
+                filled[target[1]] = _FILLED_BY[op.name]
+            stack.append(target)
+        elif op.name in _GETS:
+            stack.append(memo.get(arg))
+        else:
+            if op.name in _PUTS:
+                memo[arg] = stack[-1]
+            stack.extend([None] * len(op.stack_after))
+    return filled
 
 
 def require_torch_file(path: Path, label: str) -> None:
