@@ -28,8 +28,8 @@ def test_upstream_readme_example_runs_small():
     img_prime = torch.randn(4, 3, 32, 32)
     primed = dalle.generate_images(text, mask=mask, img=img_prime, num_init_img_tokens=5)
     assert primed.shape == (4, 3, 32, 32)
-    text_tokens, texts = dalle.generate_texts(text)
-    assert text_tokens.shape == (4, 16) and texts is None
+    text_tokens, texts = dalle.generate_texts(text)  # no tokenizer: decoded with the default one
+    assert text_tokens.shape == (4, 16) and texts == [ByteTokenizer().decode(row) for row in text_tokens]
 
 
 def test_reads_sequence_length_and_codes_from_the_vae():
@@ -275,3 +275,13 @@ def test_loading_a_vae_checkpoint_as_dalle_names_the_class(tmp_path):
     tiny_vae().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds a dalle_core.vae.DiscreteVAE"):
         DALLE.from_pretrained(tmp_path)
+
+
+def test_layers_sharing_modules_save_and_reload_tied(tmp_path):
+    dalle = tiny_dalle(depth=3, shared_attn_ids=(0, 1, 0), shared_ff_ids=(0, 0, 1)).eval()
+    dalle.save_pretrained(tmp_path / "model")  # safetensors stores no shared memory: repeats are copies
+    loaded = DALLE.from_pretrained(tmp_path / "model").eval()
+    text = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded(text, codes), dalle(text, codes))
+    assert len(list(loaded.parameters())) == len(list(dalle.parameters()))  # tied again, not doubled

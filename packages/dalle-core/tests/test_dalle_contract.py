@@ -178,7 +178,8 @@ def test_a_vae_that_is_not_a_module_fits_and_errors_name_what_is_wrong(tmp_path)
     assert dalle(text, codes, return_loss=True).ndim == 0
     with pytest.raises(TypeError) as caught:
         dalle.save_pretrained(tmp_path / "model")
-    assert str(caught.value) == "the VAE (PlainVAE) has no save_pretrained"
+    assert str(caught.value) == "the VAE (PlainVAE) has no save_pretrained(directory)"
+    assert not list((tmp_path / "model").iterdir())  # refused before any file is written
     with pytest.raises(TypeError) as caught:
         tiny_dalle(vae=object())
     assert str(caught.value) == (

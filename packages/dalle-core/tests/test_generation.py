@@ -8,6 +8,7 @@ from conftest import ALL_TYPES, STEP_OPTIONS, TEXT_SEQ_LEN, step_case, tiny_dall
 
 from dalle_core import CLIP
 from dalle_core.decode_step import DecodeStep, _IntoBuffer, rotation_matrices
+from dalle_core.plugins import default_tokenizer_name
 from dalle_core.sampling import Sampler, gumbel_noise, keep_count, top_p_filter
 from dalle_core.tokenizers import ByteTokenizer
 from dalle_core.transformer import apply_rotary, rotary_tables
@@ -189,12 +190,17 @@ def test_generate_texts_cached_equals_uncached_and_feeds_generate_images():
     assert dalle.generate_images(cached).shape == (1, 3, 16, 16)
 
 
-def test_generate_texts_from_nothing_and_needs_a_tokenizer_for_strings():
+def test_generate_texts_without_a_tokenizer_uses_the_default_one():
     dalle = tiny_dalle()
+    assert default_tokenizer_name() == "bytes"  # dalle-tokenizers is not installed with dalle-core alone
     tokens, texts = dalle.generate_texts()
-    assert tokens.shape == (1, TEXT_SEQ_LEN) and texts is None
-    with pytest.raises(ValueError, match="needs a tokenizer"):
-        dalle.generate_texts("a cat")
+    assert tokens.shape == (1, TEXT_SEQ_LEN) and texts == [ByteTokenizer().decode(tokens[0])]
+    big = tiny_dalle(num_text_tokens=300)
+    tokens, texts = big.generate_texts("a cat", generator=torch.Generator().manual_seed(0))
+    assert tokens[0, :5].tolist() == ByteTokenizer().encode("a cat") and texts[0].startswith("a cat")
+    with pytest.raises(ValueError, match=r"^text token ids of ByteTokenizer must be in \[0, 50\), got values "
+                                         r"in \[33, 117\]"):
+        dalle.generate_texts("a cat")  # bytes ids beyond this model's 50 text tokens
 
 
 def test_bad_generation_arguments(text):

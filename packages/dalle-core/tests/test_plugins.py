@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from dalle_core import builtin, plugins
 from dalle_core.attention.kernels import FlexKernel, SDPAKernel
@@ -310,12 +311,128 @@ def test_load_vae_uses_the_registered_loader(fake, tmp_path):
 def test_load_vae_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
         load_vae(tmp_path)
-    with pytest.raises(ValueError, match="names no VAE plugin"):
+    with pytest.raises(ValueError, match="names no VAE plugin .* and there is no dalle_plugin.json"):
         load_vae(write_vae_config(tmp_path / "unnamed", ""))
     with pytest.raises(
         UnknownPluginError, match=r"unknown VAE 'openai'.*pip install dalle-vae-openai"
     ):
         load_vae(write_vae_config(tmp_path / "openai", "openai"))
+
+
+OWN_FORMAT_VAE = """
+    import json
+    from pathlib import Path
+
+    import pluggy
+    import torch
+    from torch import nn
+
+    hookimpl = pluggy.HookimplMarker("dalle")  # no import of dalle-core at all
+
+    class OwnFormatVAE(nn.Module):
+        \"\"\"A VAE as plugin authors write one: its own config.json, no 'class' field.\"\"\"
+
+        def __init__(self, image_size=8, num_tokens=5, sharpness=1.0):
+            super().__init__()
+            self.image_size, self.channels, self.num_tokens, self.fmap_size = image_size, 3, num_tokens, 2
+            self.sharpness = sharpness
+            self.to_logits = nn.Conv2d(3, num_tokens, 1)
+            self.codebook = nn.Embedding(num_tokens, 3)
+
+        def get_codebook_indices(self, images):  # [B, 3, H, W] -> [B, 4]
+            pooled = nn.functional.adaptive_avg_pool2d(images, 2)
+            return (self.to_logits(pooled) * self.sharpness).argmax(1).flatten(1)
+
+        def decode(self, codes):  # [B, 4] -> [B, 3, H, W]
+            grid = self.codebook(codes).view(-1, 2, 2, 3).permute(0, 3, 1, 2)
+            return nn.functional.interpolate(grid, size=self.image_size).sigmoid()
+
+        def save_pretrained(self, directory):
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            config = {"image_size": self.image_size, "num_tokens": self.num_tokens,
+                      "sharpness": self.sharpness}
+            (directory / "config.json").write_text(json.dumps(config))
+            torch.save(self.state_dict(), directory / "weights.pt")
+
+        @classmethod
+        def from_pretrained(cls, directory):
+            directory = Path(directory)
+            vae = cls(**json.loads((directory / "config.json").read_text()))
+            vae.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
+            return vae
+
+    def build(**kwargs):
+        return OwnFormatVAE(**kwargs)
+
+    @hookimpl
+    def dalle_register_vaes(register):
+        register("own-format", OwnFormatVAE)
+        register("own-format-by-function", build, loader=OwnFormatVAE.from_pretrained)
+"""
+
+
+@pytest.mark.parametrize("name", ["own-format", "own-format-by-function"])
+def test_a_vae_with_its_own_files_round_trips_inside_a_dalle_checkpoint(fake, tmp_path, name):
+    from dalle_core import DALLE
+
+    fake.add(OWN_FORMAT_VAE, dist="dalle-own-format-vae", version="0.4.0")
+    vae = create_vae(name, sharpness=3.0)
+    dalle = DALLE(dim=16, vae=vae, num_text_tokens=20, text_seq_len=4, depth=1, heads=2, dim_head=8)
+    dalle.save_pretrained(tmp_path / "model")
+    record = json.loads((tmp_path / "model" / "vae" / plugins.VAE_RECORD).read_text())
+    assert record == {"name": name, "package": "dalle-own-format-vae", "version": "0.4.0",
+                      "class": "dalle_own_format_vae.OwnFormatVAE"}
+    assert "class" not in json.loads((tmp_path / "model" / "vae" / "config.json").read_text())
+
+    loaded = DALLE.from_pretrained(tmp_path / "model")
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert loaded.vae.sharpness == 3.0
+    assert torch.equal(loaded.vae.get_codebook_indices(images), vae.get_codebook_indices(images))
+    assert plugins.vae_plugin_name(loaded.vae) == name  # saved again, it is recorded again
+
+
+def test_a_vae_of_a_registered_class_is_known_without_create_vae(fake):
+    module = fake.add(OWN_FORMAT_VAE, dist="dalle-own-format-vae")
+    vae = importlib.import_module(module).OwnFormatVAE()  # built directly, not through the registry
+    assert plugins.vae_plugin_name(vae) == "own-format"
+    assert plugins.vae_save_problem(vae) is None
+
+
+def test_a_vae_that_could_not_be_rebuilt_is_refused_before_anything_is_written(fake, tmp_path):
+    module = importlib.import_module(fake.add(OWN_FORMAT_VAE, dist="dalle-own-format-vae"))
+
+    class Unregistered(module.OwnFormatVAE):
+        pass
+
+    with pytest.raises(TypeError, match=r"\(Unregistered\) was not made by a registered VAE plugin.*"
+                                        r"dalle_register_vaes"):
+        plugins.save_vae(Unregistered(), tmp_path / "a")
+    fake.add(
+        """
+        from dalle_core.hookspecs import hookimpl
+
+        class NoLoader:
+            def save_pretrained(self, directory):
+                raise AssertionError("never called: refused first")
+
+        @hookimpl
+        def dalle_register_vaes(register):
+            register("no-loader", NoLoader)
+        """,
+        dist="dalle-no-loader",
+    )
+    reset_plugins()  # the registry was built before this package was added
+    with pytest.raises(TypeError, match=r"'no-loader' \(from dalle-no-loader\) registers no loader and "
+                                        r"its factory has no from_pretrained"):
+        plugins.save_vae(create_vae("no-loader"), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_broken_vae_record_is_named(tmp_path):
+    (tmp_path / plugins.VAE_RECORD).write_text("{}")
+    with pytest.raises(ValueError, match=r"dalle_plugin\.json is not a VAE record with a 'name' field"):
+        load_vae(tmp_path)
 
 
 def test_load_tokenizer_without_from_pretrained_calls_the_factory(fake, tmp_path):

@@ -208,3 +208,92 @@ def test_generates_on_the_gpu_deterministically(model_dir, tmp_path, precision):
                          "--outputs-dir", str(tmp_path / out), "--seed", "5", "--device", "cuda",
                          "--precision", precision]) == 0
     assert torch.equal(read_images(tmp_path / "a" / "a-cat", 4), read_images(tmp_path / "b" / "a-cat", 4))
+
+
+def write_start_files(folder: Path) -> tuple[Path, Path, torch.Tensor, torch.Tensor]:
+    """A 24 x 16 image (its centred 16 x 16 square is what the model takes) and a mask of the
+    same size whose white pixels touch the bottom-right code cell; the expected tensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = torch.rand(3, 16, 24, generator=torch.Generator().manual_seed(9))
+    image_path, mask_path = folder / "start.png", folder / "mask.png"
+    Image.frombytes("RGB", (24, 16), (pixels * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
+                    .tobytes()).save(image_path)
+    mask = Image.new("L", (24, 16))
+    mask.paste(255, (4 + 13, 13, 4 + 16, 16))  # pixels 13..15 of the square: the last 4 px cell
+    mask.save(mask_path)
+    with Image.open(image_path) as image:
+        expected = to_tensor(image.convert("RGB"))[:, :, 4:20][None]  # [1, 3, 16, 16]
+    expected_mask = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    expected_mask[..., 13:, 13:] = True
+    return image_path, mask_path, expected, expected_mask
+
+
+def direct(model_dir: Path, prompt: str, seed: int, **kwargs) -> torch.Tensor:
+    """What `generate_images` gives for ``--num_images 3 --batch_size 2`` and these keywords."""
+    dalle = DALLE.from_pretrained(model_dir).eval()
+    text = ByteTokenizer().tokenize([prompt], TEXT_SEQ_LEN)
+    generator = torch.Generator().manual_seed(prompt_seed(seed, prompt))
+    return torch.cat([dalle.generate_images(text.expand(n, -1), filter_thres=0.9, generator=generator, **kwargs)
+                      for n in (2, 1)])
+
+
+@pytest.mark.parametrize("count", [None, "5"])
+def test_img_primes_as_generate_images_does(model_dir, tmp_path, count):
+    image_path, _, expected, _ = write_start_files(tmp_path / "files")
+    extra = ["--num-init-img-tokens", count] if count else []
+    assert generate(model_dir, tmp_path / "out", "--seed", "1", "--img", str(image_path), *extra, text="a dot") == 0
+    made = read_images(tmp_path / "out" / "a-dot")
+    want = direct(model_dir, "a dot", 1, img=expected, num_init_img_tokens=int(count) if count else None)
+    assert torch.allclose(made, want, atol=0.5 / 255 + 1e-6)
+    with Image.open(tmp_path / "out" / "a-dot" / "start.png") as start:
+        assert torch.allclose(to_tensor(start.convert("RGB")), expected[0], atol=0.5 / 255 + 1e-6)
+
+
+def test_mask_inpaints_as_generate_images_does_and_keeps_the_rest(model_dir, clip_dir, tmp_path):
+    image_path, mask_path, expected, expected_mask = write_start_files(tmp_path / "files")
+    assert generate(model_dir, tmp_path / "out", "--seed", "2", "--img", str(image_path), "--mask",
+                    str(mask_path), "--temperature", "3", text="a dot") == 0
+    made = read_images(tmp_path / "out" / "a-dot")
+    want = direct(model_dir, "a dot", 2, img=expected, img_mask=expected_mask, temperature=3.0)
+    assert torch.allclose(made, want, atol=0.5 / 255 + 1e-6)
+    dalle = DALLE.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        own = dalle.vae.decode(dalle.image_codes(expected))  # [1, 3, 16, 16]: the kept part, reconstructed
+    assert torch.allclose(made[..., :8, :8], own[..., :8, :8].expand(3, -1, -1, -1), atol=0.5 / 255 + 1e-6)
+    assert not torch.allclose(made[..., 12:, 12:], own[..., 12:, 12:].expand(3, -1, -1, -1),
+                              atol=0.5 / 255 + 1e-6)  # the masked cell was drawn anew
+    ranked = tmp_path / "ranked"
+    assert generate(model_dir, ranked, "--seed", "2", "--img", str(image_path), "--mask", str(mask_path),
+                    "--temperature", "3", "--clip-path", str(clip_dir), text="a dot") == 0
+    scores = json.loads((ranked / "a-dot" / "scores.json").read_text())
+    assert [entry["score"] for entry in scores["best_first"]] == sorted(
+        (entry["score"] for entry in scores["best_first"]), reverse=True)
+    assert sorted(read_images(ranked / "a-dot").flatten(1).tolist()) == sorted(made.flatten(1).tolist())
+
+
+def test_bad_start_images_and_masks_are_named(model_dir, tmp_path, capsys):
+    image_path, mask_path, _, _ = write_start_files(tmp_path / "files")
+    black = tmp_path / "files" / "black.png"
+    Image.new("L", (24, 16)).save(black)
+    small = tmp_path / "files" / "small.png"
+    Image.new("L", (8, 8), 255).save(small)
+    broken = tmp_path / "files" / "broken.png"
+    broken.write_bytes(b"not a png")
+    cases = [
+        (["--mask", str(mask_path)], "--mask need(s) --img, the image to start from"),
+        (["--num-init-img-tokens", "3"], "--num_init_img_tokens need(s) --img"),
+        (["--img", str(image_path), "--mask", str(mask_path), "--num-init-img-tokens", "3"],
+         "--mask and --num_init_img_tokens both say which codes of --img are kept: give one"),
+        (["--img", str(image_path), "--num-init-img-tokens", "16"],
+         "--num_init_img_tokens 16: the model's images have 16 codes, so give 0 to 15"),
+        (["--img", str(image_path), "--mask", str(small)],
+         f"--mask {small} is 8x8 pixels but the --img file is 24x16: draw the mask over the image, at its size"),
+        (["--img", str(image_path), "--mask", str(black)], f"--mask {black} is black everywhere"),
+        (["--img", str(broken)], f"--img {broken}: not a readable image"),
+        (["--img", str(tmp_path / "missing.png")], "--img"),
+    ]
+    for extra, message in cases:
+        assert generate(model_dir, tmp_path / "out", *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("dalle-train generate: error: ") and message in err, (extra, err)
+        assert not (tmp_path / "out").exists()

@@ -205,10 +205,15 @@ def test_each_step_applies_its_rate_to_the_mean_clipped_gradient(tmp_path: Path,
 
 
 def test_a_step_leaves_alone_the_parameters_its_loss_does_not_use(tmp_path: Path) -> None:
+    class TwoWeights(Weight):
+        def __init__(self) -> None:
+            super().__init__()
+            self.v = nn.Parameter(torch.ones(1))
+
     class FirstStepOnly(Linear):
         def __init__(self) -> None:
             super().__init__()
-            self.model.v = nn.Parameter(torch.ones(1))
+            self.model = TwoWeights()  # saved and reloaded as it is (the first save is read back)
 
         def loss(self, batch: float, step: int) -> torch.Tensor:
             return super().loss(batch, step) + (self.model.v.sum() if step == 0 else 0.0)

@@ -340,6 +340,7 @@ class DALLE(PretrainedMixin, nn.Module):
         temperature: float = 1.0,
         img: Tensor | None = None,
         num_init_img_tokens: int | None = None,
+        img_mask: Tensor | None = None,
         cond_scale: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
@@ -349,7 +350,11 @@ class DALLE(PretrainedMixin, nn.Module):
 
         ``filter_thres``: keep the top ``(1 - filter_thres)`` share of the image codebook at
         each step; ``top_p``: nucleus sampling on top; ``img`` + ``num_init_img_tokens``: prime
-        with the first codes of an image (default 14/32 of them, as in the paper);
+        with the first codes of an image (default 14/32 of them, as in the paper); ``img`` +
+        ``img_mask``: inpainting, where ``img_mask`` (pixels ``[H, W]``, ``[1 or B, H, W]`` or
+        ``[1 or B, 1, H, W]``, true or non-zero where the image is to be generated) marks the
+        codes to sample: every code whose cell the mask touches is sampled, in raster order,
+        conditioned on every code placed before it; the others are the image's own;
         ``cond_scale``: classifier-free guidance; ``clip``: also return its scores ``[B]``.
         The same ``generator`` state gives the same images, cached or not. ``compile``: run the
         cached step compiled ahead of time for this model and batch shape (CPU; the first call
@@ -358,7 +363,7 @@ class DALLE(PretrainedMixin, nn.Module):
         with torch.no_grad():  # a block, not the decorator: mutation testing skips decorated code
             codes = self.generate_image_codes(
                 text, mask=mask, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
-                img=img, num_init_img_tokens=num_init_img_tokens, cond_scale=cond_scale,
+                img=img, num_init_img_tokens=num_init_img_tokens, img_mask=img_mask, cond_scale=cond_scale,
                 use_cache=use_cache, generator=generator, compile=compile,
             )
             with torch.autocast(codes.device.type, enabled=False):
@@ -377,6 +382,7 @@ class DALLE(PretrainedMixin, nn.Module):
         temperature: float = 1.0,
         img: Tensor | None = None,
         num_init_img_tokens: int | None = None,
+        img_mask: Tensor | None = None,
         cond_scale: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
@@ -388,17 +394,14 @@ class DALLE(PretrainedMixin, nn.Module):
                 raise ValueError("compile=True compiles the cached step: it needs use_cache=True")
             text = self._check_text(text)
             batch = text.shape[0]
-            codes = text.new_empty(batch, self.image_seq_len)
-            n_prime = 0
+            codes = text.new_zeros(batch, self.image_seq_len)
+            sampled = self._sampled_codes(batch, img, num_init_img_tokens, img_mask)  # [batch, m]
             if img is not None:
-                n_prime = num_init_img_tokens
-                if n_prime is None:
-                    n_prime = int(0.4375 * self.image_seq_len)  # 14 of 32 rows, as in the paper
-                if not 0 <= n_prime < self.image_seq_len:
-                    raise ValueError(
-                        f"num_init_img_tokens must be in [0, {self.image_seq_len}), got {n_prime}"
-                    )
-                codes[:, :n_prime] = self.image_codes(img)[:, :n_prime]
+                codes[:] = self.image_codes(img)  # kept where not sampled
+            drawn = sampled.any(0).tolist()  # per position: whether any row samples it
+            if not any(drawn):
+                return codes
+            n_prime = drawn.index(True)  # the codes before it are the image's in every row
             guided = cond_scale != 1
             if guided:  # conditional rows, then unconditional rows (all-padding text): one batch
                 text = torch.cat((text, torch.zeros_like(text)))
@@ -407,9 +410,10 @@ class DALLE(PretrainedMixin, nn.Module):
             rows = text.shape[0]
 
             sampler = Sampler(
-                self.num_image_tokens, batch, self.image_seq_len - n_prime, filter_thres=filter_thres,
+                self.num_image_tokens, batch, sum(drawn), filter_thres=filter_thres,
                 top_p=top_p, temperature=temperature, generator=generator, device=text.device,
             )
+            mixed = (~sampled).any(0).tolist()  # per position: whether some row keeps its code
 
             def guided_logits(logits: Tensor) -> Tensor:  # [rows, Vi] -> [batch, Vi]
                 if logits.dtype != torch.float32:
@@ -438,8 +442,12 @@ class DALLE(PretrainedMixin, nn.Module):
                         position_emb = self._image_pos_emb(self.image_seq_len).unbind(0)
                 code_columns = codes.unbind(1)  # [batch] each
                 for position in range(n_prime, self.image_seq_len):
-                    sample = sampler(guided_logits(logits))  # [batch]
-                    code_columns[position].copy_(sample)
+                    sample = code_columns[position]  # [batch]: the image's codes, unless drawn
+                    if drawn[position]:
+                        sample = sampler(guided_logits(logits))  # [batch]
+                        if mixed[position]:
+                            sample = torch.where(sampled[:, position], sample, code_columns[position])
+                        code_columns[position].copy_(sample)
                     if position == self.image_seq_len - 1:
                         break
                     if use_cache:
@@ -455,6 +463,43 @@ class DALLE(PretrainedMixin, nn.Module):
             finally:
                 self.train(was_training)
             return codes
+
+    def _sampled_codes(
+        self, batch: int, img: Tensor | None, num_init_img_tokens: int | None, img_mask: Tensor | None
+    ) -> Tensor:
+        """Which codes generation samples, ``BoolTensor[batch, image_seq_len]``: all without
+        ``img``; after the first ``num_init_img_tokens`` when priming; where ``img_mask`` touches
+        a code's cell when inpainting (the others are the image's own)."""
+        m, side = self.image_seq_len, self.image_size
+        device = self.text_emb.weight.device
+        if img is None:
+            if img_mask is not None or num_init_img_tokens is not None:
+                given = "img_mask" if img_mask is not None else "num_init_img_tokens"
+                raise ValueError(f"{given} needs img, the image whose codes are kept")
+            return torch.ones(batch, m, dtype=torch.bool, device=device)
+        if img_mask is None:
+            n_prime = num_init_img_tokens
+            if n_prime is None:
+                n_prime = int(0.4375 * m)  # 14 of 32 rows, as in the paper
+            if not 0 <= n_prime < m:
+                raise ValueError(f"num_init_img_tokens must be in [0, {m}), got {n_prime}")
+            return (torch.arange(m, device=device) >= n_prime).expand(batch, m)
+        if num_init_img_tokens is not None:
+            raise ValueError("give img_mask or num_init_img_tokens, not both: the mask says which codes "
+                             "are kept")
+        mask = img_mask.to(device)
+        if mask.dim() == 2:
+            mask = mask[None]
+        if mask.dim() == 4 and mask.shape[1] == 1:
+            mask = mask[:, 0]
+        if mask.dim() != 3 or tuple(mask.shape[1:]) != (side, side) or mask.shape[0] not in (1, batch):
+            raise ValueError(
+                f"img_mask must be [{side}, {side}], [1 or {batch}, {side}, {side}] or "
+                f"[1 or {batch}, 1, {side}, {side}] (pixels of the {side} px image), "
+                f"got {list(img_mask.shape)}"
+            )
+        touched = F.adaptive_max_pool2d((mask != 0).float()[:, None], self.fmap_size)  # [1|B, 1, f, f]
+        return (touched.flatten(1) > 0).expand(batch, m)
 
     def _step_logits(
         self, cache: list[LayerCache], hidden: Tensor, key_padding_mask: Tensor | None, n_prime: int,
@@ -477,34 +522,42 @@ class DALLE(PretrainedMixin, nn.Module):
         temperature: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, list[str] | None]:
+    ) -> tuple[Tensor, list[str]]:
         """Continue captions to ``text_seq_len`` tokens -> ``(text_tokens [B, L], texts)``.
 
         ``text``: ids ``[B, n]`` or ``[n]``, a string or list of strings (encoded with the
         tokenizer), or None to start from nothing. Generated padding ids come back as 0, so
-        ``text_tokens`` can be passed to `generate_images`. ``texts`` are decoded with
-        ``tokenizer``, else the model's own; None when it has neither.
+        ``text_tokens`` can be passed to `generate_images`. Strings are encoded and ``texts``
+        decoded with ``tokenizer``, else the model's own, else (a model built in Python without
+        one) the default tokenizer, as upstream decoded with its default: CLIP's BPE (``bpe``,
+        from dalle-tokenizers) when it is installed, else dalle-core's ``bytes``
+        (`dalle_core.plugins.default_tokenizer_name`).
         """
         with torch.no_grad():  # a block, not the decorator: mutation testing skips decorated code
-            tokenizer = tokenizer or self.tokenizer
+            tokenizer = tokenizer or self.tokenizer or self._default_tokenizer()
             prompts = self._text_prompts(text, tokenizer)
             rows = [self._continue_text(ids, filter_thres, top_p, temperature, use_cache, generator)
                     for ids in prompts]
             text_tokens = torch.cat(rows)  # [B, L]
-            texts = [tokenizer.decode(row.tolist()) for row in text_tokens] if tokenizer else None
-            return text_tokens, texts
+            return text_tokens, [tokenizer.decode(row) for row in text_tokens]
 
-    def _text_prompts(self, text, tokenizer: Tokenizer | None) -> list[Tensor]:
+    @staticmethod
+    def _default_tokenizer() -> Tokenizer:
+        from dalle_core.plugins import create_tokenizer, default_tokenizer_name
+
+        return create_tokenizer(default_tokenizer_name())
+
+    def _text_prompts(self, text, tokenizer: Tokenizer) -> list[Tensor]:
         """Prompts as id tensors ``[rows, n]``; strings of different lengths run apart."""
         device = self.text_emb.weight.device
         if text is None or (isinstance(text, str) and not text):
             return [torch.zeros(1, 0, dtype=torch.long, device=device)]
         if isinstance(text, (str, list)):
-            if tokenizer is None:
-                raise ValueError("generate_texts needs a tokenizer to encode strings; pass tokenizer=")
             texts = [text] if isinstance(text, str) else text
-            encoded = [tokenizer.encode(t)[: self.text_seq_len] for t in texts]
-            return [torch.tensor([ids], dtype=torch.long, device=device) for ids in encoded]
+            encoded = [torch.tensor([tokenizer.encode(t)[: self.text_seq_len]]).long() for t in texts]
+            for ids in encoded:
+                check_ids(ids, self.num_text_tokens, f"text token ids of {type(tokenizer).__name__}")
+            return [ids.to(device) for ids in encoded]
         ids = text if text.dim() == 2 else text[None]
         if ids.shape[1] > self.text_seq_len:
             raise ValueError(f"text has {ids.shape[1]} tokens, more than text_seq_len={self.text_seq_len}")
@@ -545,10 +598,12 @@ class DALLE(PretrainedMixin, nn.Module):
     # ----------------------------------------------------------------- checkpoints
 
     def save_parts(self, directory: Path) -> tuple[str, ...]:
-        """Embed the VAE (``vae/``) and the tokenizer (``tokenizer/``) in the checkpoint."""
-        if not hasattr(self.vae, "save_pretrained"):
-            raise TypeError(f"the VAE ({type(self.vae).__name__}) has no save_pretrained")
-        self.vae.save_pretrained(directory / VAE_FOLDER)
+        """Embed the VAE (``vae/``: its own files, and which plugin made it, see
+        `dalle_core.plugins.save_vae`) and the tokenizer (``tokenizer/``) in the checkpoint. A
+        VAE that could not be rebuilt from its folder is refused before anything is written."""
+        from dalle_core.plugins import save_vae
+
+        save_vae(self.vae, directory / VAE_FOLDER)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory / TOKENIZER_FOLDER)
         return ("vae.",)

@@ -63,9 +63,10 @@ def dalle_register_vaes(register: Register) -> None:
     ``factory(**kwargs)`` receives constructor keywords and returns an ``nn.Module`` fitting
     `dalle_core.interfaces.ImageVAE` (``image_size``, ``channels``, ``num_tokens``,
     ``fmap_size``, ``get_codebook_indices``, ``decode``) with a ``save_pretrained(directory)``
-    that writes ``config.json`` with ``"name": name`` (as `dalle_core.pretrained.PretrainedMixin`
-    does). `dalle_core.plugins.load_vae` rebuilds a saved VAE with the ``loader`` metadata,
-    ``loader(directory) -> vae``, defaulting to ``factory.from_pretrained``.
+    that writes its own files in its own format. `dalle_core.plugins.save_vae` (which a DALLE
+    checkpoint uses) records ``name`` beside them, and `dalle_core.plugins.load_vae` rebuilds
+    the VAE with the ``loader`` metadata, ``loader(directory) -> vae``, defaulting to
+    ``factory.from_pretrained``.
     """
 
 

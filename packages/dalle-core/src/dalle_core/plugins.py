@@ -14,10 +14,12 @@ Environment variables (read when the manager is created):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ import pluggy
 from dalle_core import builtin, hookspecs
 from dalle_core.attention.kernels import AttentionKernel
 from dalle_core.interfaces import TOKENIZER_CONFIG, DistributedBackend, Tokenizer
-from dalle_core.pretrained import CONFIG_NAME, package_version, read_config
+from dalle_core.pretrained import CONFIG_NAME, package_version, read_config, write_json
 
 DISABLE_AUTOLOAD_ENV = "DALLE_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_PLUGINS_ENV = "DALLE_BLOCK_PLUGINS"
@@ -220,9 +222,17 @@ def create_tokenizer(name: str, **kwargs: Any) -> Tokenizer:
     return registry("tokenizers").create(name, **kwargs)
 
 
+def default_tokenizer_name() -> str:
+    """The tokenizer used when none is chosen: ``bpe`` (CLIP's BPE, upstream's default, from
+    dalle-tokenizers) when it is installed and usable here, else dalle-core's ``bytes``."""
+    entry = registry("tokenizers").get("bpe")
+    return "bpe" if entry is not None and entry.usable()[0] else "bytes"
+
+
 def create_vae(name: str, **kwargs: Any) -> Any:
-    """Build the VAE registered as ``name`` (``discrete`` is always there)."""
-    return registry("vaes").create(name, **kwargs)
+    """Build the VAE registered as ``name`` (``discrete`` is always there); the VAE is
+    remembered as made by ``name`` (`vae_plugin_name`), so `save_vae` can record it."""
+    return _remember(registry("vaes").create(name, **kwargs), name)
 
 
 def create_attention_kernel(name: str, **kwargs: Any) -> AttentionKernel:
@@ -235,24 +245,110 @@ def create_backend(name: str, **kwargs: Any) -> DistributedBackend:
     return registry("backends").create(name, **kwargs)
 
 
-def load_vae(directory: str | Path) -> Any:
-    """Rebuild a VAE saved with ``save_pretrained``, through the plugin named in its config."""
+#: written by `save_vae` beside a VAE's own files: which registered plugin made it
+VAE_RECORD = "dalle_plugin.json"
+
+#: VAEs built or loaded through the registry -> the name they were built by
+_vae_names: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _remember(vae: Any, name: str) -> Any:
+    with contextlib.suppress(TypeError):  # not weakly referable: found by type or plugin_name
+        _vae_names[vae] = name
+    return vae
+
+
+def vae_plugin_name(vae: Any) -> str | None:
+    """The registered name of the plugin that makes ``vae``, or None when none is known: the
+    name it was built or loaded by (`create_vae`, `load_vae`), else its ``plugin_name`` when
+    registered, else the name of the plugin whose factory is its class."""
+    vaes = registry("vaes")
+    remembered = None
+    with contextlib.suppress(TypeError):
+        remembered = _vae_names.get(vae)
+    if remembered in vaes:
+        return remembered
+    own = getattr(vae, "plugin_name", "")
+    if isinstance(own, str) and own in vaes:
+        return own
+    return next((name for name, entry in vaes.items() if entry.factory is type(vae)), None)
+
+
+def vae_save_problem(vae: Any) -> str | None:
+    """Why ``vae`` could not be saved and rebuilt by name (inside a DALLE checkpoint), or None
+    when it can: it needs a ``save_pretrained(directory)``, a registered plugin that makes it,
+    and a way for that plugin to load it (``loader`` metadata or ``factory.from_pretrained``)."""
+    kind = type(vae).__name__
+    if not callable(getattr(vae, "save_pretrained", None)):
+        return f"the VAE ({kind}) has no save_pretrained(directory)"
+    name = vae_plugin_name(vae)
+    if name is None:
+        return (f"the VAE ({kind}) was not made by a registered VAE plugin, so it could not be rebuilt "
+                f"by name: register its class with the dalle_register_vaes hook, build it with "
+                f"create_vae(name), or give it the plugin_name it is registered under")
+    entry = registry("vaes")[name]
+    if _vae_loader(entry) is None:
+        return (f"VAE {name!r} (from {entry.package}) registers no loader and its factory has no "
+                f"from_pretrained, so a saved one could not be rebuilt")
+    return None
+
+
+def save_vae(vae: Any, directory: str | Path) -> None:
+    """``vae.save_pretrained(directory)``, then `VAE_RECORD` beside its files: the registered
+    name, package and version of the plugin that makes it, which `load_vae` rebuilds it with.
+    A VAE that could not be rebuilt (`vae_save_problem`) is refused before anything is
+    written."""
+    problem = vae_save_problem(vae)
+    if problem:
+        raise TypeError(problem)
+    name = vae_plugin_name(vae)
+    entry = registry("vaes")[name]
     directory = Path(directory)
-    name = read_config(directory).get("name")
+    vae.save_pretrained(directory)
+    record = {"name": name, "package": entry.package, "version": entry.version,
+              "class": f"{type(vae).__module__}.{type(vae).__qualname__}"}
+    write_json(directory / VAE_RECORD, record)
+
+
+def saved_vae_name(directory: str | Path) -> str:
+    """The plugin name a saved VAE is rebuilt by: from `VAE_RECORD` (`save_vae`), else from
+    the ``name`` of a ``config.json`` written by ``PretrainedMixin.save_pretrained``."""
+    directory = Path(directory)
+    record = directory / VAE_RECORD
+    if record.is_file():
+        try:
+            name = json.loads(record.read_text())["name"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{record} is not a VAE record with a 'name' field: {error}") from error
+    else:
+        name = read_config(directory).get("name")
     if not name:
         raise ValueError(
-            f"{directory / CONFIG_NAME} names no VAE plugin (its 'name' field is empty); "
-            f"only a VAE class with a plugin_name can be reloaded by name"
+            f"{directory / CONFIG_NAME} names no VAE plugin (its 'name' field is empty) and there is "
+            f"no {VAE_RECORD}; only a VAE saved with save_vae (or a class with a plugin_name) can be "
+            f"reloaded by name"
         )
+    return str(name)
+
+
+def load_vae(directory: str | Path) -> Any:
+    """Rebuild a VAE saved with `save_vae` (or ``PretrainedMixin.save_pretrained``) through the
+    plugin that made it: its ``loader`` metadata, else its factory's ``from_pretrained``."""
+    directory = Path(directory)
+    name = saved_vae_name(directory)
     entry = registry("vaes")[name]
-    loader = entry.metadata.get("loader") or getattr(entry.factory, "from_pretrained", None)
+    loader = _vae_loader(entry)
     if loader is None:
         raise TypeError(
             f"VAE {name!r} (from {entry.package}) cannot be reloaded: it registers no loader "
             f"and its factory has no from_pretrained"
         )
     entry.require_usable()
-    return loader(directory)
+    return _remember(loader(directory), name)
+
+
+def _vae_loader(entry: PluginEntry) -> Callable[[Path], Any] | None:
+    return entry.metadata.get("loader") or getattr(entry.factory, "from_pretrained", None)
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

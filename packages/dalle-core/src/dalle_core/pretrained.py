@@ -95,6 +95,19 @@ def read_config(directory: Path) -> dict[str, Any]:
     return meta
 
 
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with a copy of each tensor whose memory an earlier one shares (modules shared
+    between layers appear under each layer's name; safetensors stores no shared memory). The
+    model that loads it is built with the same sharing, so it ties them again."""
+    seen: set[int] = set()
+    result = {}
+    for key, tensor in state.items():
+        storage = tensor.untyped_storage().data_ptr()
+        result[key] = tensor.clone() if storage in seen and tensor.numel() else tensor
+        seen.add(storage)
+    return result
+
+
 def load_state_strict(model: torch.nn.Module, path: Path, skip_prefixes: tuple[str, ...] = ()) -> None:
     """Load safetensors weights into ``model``; missing or unexpected keys are an error.
 
@@ -149,11 +162,11 @@ class PretrainedMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         skip = self.save_parts(directory)
-        state = {
+        state = unshared({
             key: tensor.detach().contiguous().cpu()
             for key, tensor in self.state_dict().items()
             if not key.startswith(skip)
-        }
+        })
         atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
         meta = {
             "format_version": FORMAT_VERSION,

@@ -35,8 +35,13 @@ from typing import Any, NamedTuple, TypeVar
 from safetensors import SafetensorError
 
 from dalle_core.interfaces import Tokenizer
-from dalle_core.plugins import create_tokenizer, create_vae, load_vae, registry
-from dalle_core.pretrained import read_config
+from dalle_core.plugins import (
+    create_tokenizer,
+    create_vae,
+    default_tokenizer_name,
+    load_vae,
+    saved_vae_name,
+)
 from dalle_train.config import Section, option
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
@@ -241,13 +246,21 @@ def vae_from_args(flags: VaeFlags, default: str | None = None) -> Any | None:
         if default is None:
             return None
         name = default
-    flag = "--taming" if flags.taming else f"--vae {name}" if flags.vae else "default VAE"
-    return as_train_error(flag, lambda: create_vae(name, **kwargs))
+    return as_train_error(vae_flag(flags, name), lambda: create_vae(name, **kwargs))
+
+
+def vae_flag(flags: VaeFlags, default: str | None = None) -> str:
+    """The VAE flag the user gave, as typed (for messages); ``default VAE <name>`` for none."""
+    if flags.vae_path is not None:
+        return f"--vae_path {flags.vae_path}"
+    if flags.taming:
+        return "--taming"
+    return f"--vae {flags.vae}" if flags.vae else f"default VAE {default}"
 
 
 def _saved_vae_name(directory: Path) -> str:
     try:
-        return str(read_config(directory).get("name") or "")
+        return saved_vae_name(directory)
     except (OSError, ValueError) as error:
         raise TrainError(f"--vae_path {directory}: {error}") from error
 
@@ -262,9 +275,9 @@ def _tokenizer_flags(flags: TokenizerFlags) -> str:
 
 def _auto_tokenizer() -> str:
     global _told_about_default
-    entry = registry("tokenizers").get("bpe")
-    if entry is not None and entry.usable()[0]:
-        return "bpe"
+    name = default_tokenizer_name()
+    if name == "bpe":
+        return name
     if not _told_about_default:
         _told_about_default = True
         print(

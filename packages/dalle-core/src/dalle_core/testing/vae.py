@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from dalle_core.interfaces import ImageVAE
-from dalle_core.plugins import load_vae
+from dalle_core.plugins import load_vae, save_vae
 
 
 class VAEConformance:
@@ -20,8 +20,13 @@ class VAEConformance:
             def make_vae(self):
                 return MyVAE(image_size=32, num_tokens=64)
 
-    The save/load test reloads through `dalle_core.plugins.load_vae`, so the VAE's plugin must
-    be registered (its package installed) under the ``name`` its ``config.json`` records.
+    The save/load test saves as a DALLE checkpoint does (`dalle_core.plugins.save_vae`: the
+    VAE's own ``save_pretrained``, whatever files it writes, plus a record of the plugin that
+    made it) and reloads through `dalle_core.plugins.load_vae`, so the VAE's plugin must be
+    registered (its package installed) and know the VAE: `make_vae` builds it with
+    ``create_vae(name, ...)``, or its class is the registered factory, or it has the registered
+    ``plugin_name``. The plugin reloads it with its ``loader`` metadata or its factory's
+    ``from_pretrained(directory)``; nothing of dalle-core needs to be subclassed.
     Override the ``vae`` fixture instead of `make_vae` to add setup or teardown.
     """
 
@@ -88,7 +93,7 @@ class VAEConformance:
         codes = vae.get_codebook_indices(images)
         decoded = vae.decode(codes)
 
-        vae.save_pretrained(tmp_path / "vae")
+        save_vae(vae, tmp_path / "vae")  # as a DALLE checkpoint saves its VAE
         loaded = load_vae(tmp_path / "vae").eval()
 
         assert type(loaded) is type(vae)

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from dalle_core import DALLE
-from dalle_core.plugins import UnknownPluginError
+from dalle_core.plugins import UnknownPluginError, vae_save_problem
 from dalle_train.choices import (
     TokenizerFlags,
     VaeFlags,
     add_tokenizer_flags,
     add_vae_flags,
     tokenizer_from_args,
+    vae_flag,
     vae_from_args,
 )
 from dalle_train.commands.common import (
@@ -159,6 +160,9 @@ def build_model(config: DalleConfig, start_from: Path | None) -> DALLE:
         return model
     tokenizer = tokenizer_from_args(config.tokenizer)
     vae = vae_from_args(config.vae, default="openai")
+    problem = vae_save_problem(vae)
+    if problem:  # found now, not at the first checkpoint
+        raise TrainError(f"{vae_flag(config.vae, 'openai')}: {problem}; its checkpoints could not be used")
     try:
         return DALLE(vae=vae, num_text_tokens=tokenizer.vocab_size, tokenizer=tokenizer,
                      **model_kwargs(config.model))

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from dalle_core import CLIP, DALLE
 from dalle_core.interfaces import Tokenizer
+from dalle_core.plugins import vae_plugin_name
 from dalle_core.pretrained import atomic_write_bytes, write_json
 from dalle_train.choices import (
     TAMING_VAES,
@@ -52,6 +53,7 @@ from dalle_train.commands.common import device_from_flag
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.pictures import image_grid, save_png, slug
+from dalle_train.prime_image import read_image, read_mask
 from dalle_train.training.layout import find_model_dir
 from dalle_train.training.precision import PRECISIONS, Precision
 
@@ -100,6 +102,16 @@ def register(subparsers: Any) -> None:
              help="CPU, fp32: run the generation step compiled ahead of time (generate_images("
                   "compile=True)); compiling takes tens of seconds once per batch size, so make "
                   "--num_images a multiple of --batch_size")
+    add_flag(parser, "--img", type=Path, metavar="PATH",
+             help="an image to start from: its first codes prime every image (--num-init-img-tokens), "
+                  "or with --mask only its masked part is generated (its largest centred square, "
+                  "resized to the model's image size)")
+    add_flag(parser, "--num-init-img-tokens", type=int, metavar="N",
+             help="with --img: keep the image's first N codes (raster order) and generate the rest; "
+                  "without it, 14/32 of the codes are kept, as generate_images does")
+    add_flag(parser, "--mask", type=Path, metavar="PNG",
+             help="with --img: inpaint; white pixels of this PNG (the --img file's size) are generated, "
+                  "black ones kept (every code whose cell a white pixel touches is sampled)")
     add_tokenizer_flags(parser, default_help="the checkpoint's own")
     add_vae_flags(parser, default_help="the checkpoint's own; these flags check or replace it")
     parser.set_defaults(run=run)
@@ -115,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             f"--precision {args.precision}: drop --compile or use --device cpu --precision fp32"
         )
     dalle = load_dalle(args, device)
+    start = start_image(args, dalle, device)
     clip = load_clip(args.clip_path, dalle, device) if args.clip_path else None
     prompts = args.text.split("|") if args.text is not None else [""]
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
@@ -128,8 +141,10 @@ def run(args: argparse.Namespace) -> int:
         generator = torch.Generator(device).manual_seed(prompt_seed(seed, prompt))
         with precision.autocast():
             text, caption = prompt_tokens(args, dalle, prompt, generator)
-            images, scores = generate(args, dalle, clip, text, generator, desc=caption)
+            images, scores = generate(args, dalle, clip, text, generator, desc=caption, start_from=start)
         write_outputs(folder, caption, images, scores)
+        if start:
+            write_start(folder, start)
         print(f"{len(images)} images for {caption!r} in {folder}")
     return 0
 
@@ -148,6 +163,37 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise TrainError(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.temperature < 0:
         raise TrainError(f"--temperature {args.temperature}: must be >= 0 (0 = always the likeliest code)")
+    needs_img = [flag for flag, given in (("--num_init_img_tokens", args.num_init_img_tokens is not None),
+                                         ("--mask", args.mask is not None)) if given]
+    if needs_img and args.img is None:
+        raise TrainError(f"{' and '.join(needs_img)} need(s) --img, the image to start from")
+    if len(needs_img) == 2:
+        raise TrainError("--mask and --num_init_img_tokens both say which codes of --img are kept: give one")
+
+
+def start_image(args: argparse.Namespace, dalle: DALLE, device: torch.device) -> dict[str, Any]:
+    """The `generate_images` keywords of ``--img`` and ``--num-init-img-tokens`` or ``--mask``
+    (``img [1, C, H, W]``, ``img_mask [1, 1, H, W]``); empty without ``--img``."""
+    if args.img is None:
+        return {}
+    img, file_size = read_image(args.img, dalle.image_size, dalle.channels)
+    if args.mask is not None:
+        mask = read_mask(args.mask, dalle.image_size, file_size)
+        return {"img": img.to(device), "img_mask": mask.to(device)}
+    codes, count = args.num_init_img_tokens, dalle.image_seq_len
+    if codes is not None and not 0 <= codes < count:
+        raise TrainError(f"--num_init_img_tokens {codes}: the model's images have {count} codes, so give 0 "
+                         f"to {count - 1}")
+    return {"img": img.to(device), "num_init_img_tokens": codes}
+
+
+def write_start(folder: Path, start: dict[str, Any]) -> None:
+    """``start.png``: the image generation started from, as the model took it, its generated
+    part (``--mask``) shown darkened."""
+    img = start["img"].float().cpu()  # [1, C, H, W]
+    if "img_mask" in start:
+        img = torch.where(start["img_mask"].cpu(), img * 0.3, img)
+    save_png(image_grid(img, nrow=1, padding=0), folder / "start.png")
 
 
 def load_dalle(args: argparse.Namespace, device: torch.device) -> DALLE:
@@ -168,7 +214,7 @@ def load_dalle(args: argparse.Namespace, device: torch.device) -> DALLE:
             f"{directory} holds no tokenizer: pass the one it was trained with (--tokenizer NAME, "
             f"--bpe_path FILE, --chinese)"
         )
-    own = getattr(dalle.vae, "plugin_name", "")
+    own = vae_plugin_name(dalle.vae)
     if choice.path is None and not choice.kwargs and choice.name is not None:
         # --vae NAME or a bare --taming: the checkpoint's own VAE must be that one
         if own != choice.name and not (args.taming and own in TAMING_VAES):
@@ -275,9 +321,11 @@ def generate(
     text: torch.Tensor,
     generator: torch.Generator,
     desc: str,
+    start_from: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``--num-images`` images ``[N, C, H, W]`` (fp32, CPU) for ``text [1, L]`` in batches of
-    ``--batch-size``, and their CLIP scores ``[N]`` when a CLIP is given."""
+    ``--batch-size``, and their CLIP scores ``[N]`` when a CLIP is given; ``start_from``: the
+    `start_image` keywords (priming or inpainting)."""
     images, scores = [], []
     with tqdm(total=args.num_images, desc=desc[:40] or "generating", unit="image", dynamic_ncols=True) as bar:
         for start in range(0, args.num_images, args.batch_size):
@@ -286,7 +334,7 @@ def generate(
             output = dalle.generate_images(
                 batch, clip=clip, filter_thres=args.top_k, top_p=args.top_p,
                 temperature=args.temperature, cond_scale=args.cond_scale, generator=generator,
-                compile=args.compile,
+                compile=args.compile, **(start_from or {}),
             )
             if clip is not None:
                 output, score = output

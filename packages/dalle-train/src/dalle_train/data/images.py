@@ -110,3 +110,11 @@ def random_resized_crop(
     left, top, side = crop_box(image.width, image.height, lower_ratio, generator)
     crop = image.crop((left, top, left + side, top + side))  # as torchvision: crop, then resize
     return crop.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def centred_square(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    """The largest centred square of ``image``, resized to ``size`` x ``size`` with ``resample``
+    (the crop `crop_box` falls back to, without drawing)."""
+    side = min(image.width, image.height)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), resample)

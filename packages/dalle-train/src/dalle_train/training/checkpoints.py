@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +76,19 @@ def new_staging_dir(checkpoints: Path, step: int) -> Path:
 
 def save_checkpoint(
     checkpoints: Path, step: int, model: Any, state: dict[str, Any], keep: int | None,
-    temp: Path | None = None,
+    temp: Path | None = None, check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-<step>`` (model + ``training/state.pt``) atomically, point
     ``latest`` at it and keep only the newest ``keep`` step directories (all when None).
-    ``temp``: the staging directory already holding the engine's files (`new_staging_dir`)."""
+    ``temp``: the staging directory already holding the engine's files (`new_staging_dir`).
+    ``check(temp)`` runs on the complete staging directory before it is published: when it
+    raises, the checkpoint stays unpublished (and ``latest`` unchanged)."""
     final = step_dir(checkpoints, step)
     temp = temp or new_staging_dir(checkpoints, step)
     model.save_pretrained(temp)
     atomic_torch_save(state, temp / TRAINING_STATE / STATE_FILE)
+    if check is not None:
+        check(temp)
     _fsync_dir(temp)
     if final.exists():  # the same step saved again (a resumed run stopping where it began)
         _remove(final)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dalle_core.plugins import VAE_RECORD
 from dalle_core.pretrained import CONFIG_NAME
 from dalle_train.errors import TrainError
 
@@ -52,7 +53,7 @@ def find_model_dir(path: str | Path) -> Path:
     """The model directory for a path a user gave: a model directory itself, a run's output
     directory or its ``checkpoints/`` folder (their newest checkpoint)."""
     path = Path(path)
-    if (path / CONFIG_NAME).is_file():
+    if (path / CONFIG_NAME).is_file() or (path / VAE_RECORD).is_file():  # a VAE may keep its own files
         return path
     for checkpoints in (path / CHECKPOINTS, path):
         if (checkpoints / LATEST).is_file():

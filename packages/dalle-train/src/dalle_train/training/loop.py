@@ -40,6 +40,7 @@ from dalle_train.training.layout import CHECKPOINTS, ENGINE_STATE, step_dir
 from dalle_train.training.metrics import MetricsLog
 from dalle_train.training.optim import Schedule
 from dalle_train.training.precision import Precision
+from dalle_train.training.reload_check import check_first_checkpoint
 from dalle_train.training.rng import rng_state, seed_everything, set_rng_state
 from dalle_train.training.signals import StopRequest
 
@@ -202,9 +203,12 @@ def train(
         backend.barrier()  # the staging directory exists for every process
         backend.save_engine_state(temp / ENGINE_STATE)
         saved = step_dir(checkpoints, at)
+        # the run's first checkpoint is read back before it is published (`check_first_checkpoint`)
+        check = None if last_saved else lambda directory: check_first_checkpoint(
+            model, lambda path: model_class.from_pretrained(path, map_location=device), directory)
         with backend.gathered(model):
             if root:
-                saved = save_checkpoint(checkpoints, at, model, state, settings.keep, temp)
+                saved = save_checkpoint(checkpoints, at, model, state, settings.keep, temp, check)
         backend.barrier()  # the others wait until the checkpoint is complete
         return saved
 

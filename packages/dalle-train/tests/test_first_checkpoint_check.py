@@ -1,0 +1,145 @@
+"""The first checkpoint of a run is read back before it is published: a model (or VAE) whose
+save and load do not agree stops the run there, with nothing published; a good one changes
+nothing about the run (its random streams included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from dalle_core.pretrained import PretrainedMixin
+from dalle_train.errors import TrainError
+from dalle_train.training.checkpoints import step_dirs
+from dalle_train.training.layout import CHECKPOINTS, LATEST
+from dalle_train.training.loop import LoopSettings, Task, train
+from dalle_train.training.optim import Schedule
+from dalle_train.training.precision import Precision
+from dalle_train.training.reload_check import check_first_checkpoint, reload_problem
+
+
+class Coder(PretrainedMixin, nn.Module):
+    """A VAE-like model: codes are ``argmax`` of a 1x1 convolution, shifted by one when ``flip``."""
+
+    image_size, channels, num_tokens, fmap_size = 4, 3, 5, 4
+
+    def __init__(self, flip: bool = False, remember_flip: bool = True) -> None:
+        super().__init__()
+        self.flip = flip
+        self.config: dict[str, Any] = {"flip": flip} if remember_flip else {}
+        self.to_logits = nn.Conv2d(3, 5, 1)
+
+    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:  # [B, 3, 4, 4] -> [B, 16]
+        codes = self.to_logits(images).argmax(1).flatten(1)
+        return (codes + 1) % self.num_tokens if self.flip else codes
+
+
+class Train(Task):
+    """Loss: the mean of the model's weights times the batch."""
+
+    name = "check"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def loss(self, batch: float, step: int) -> torch.Tensor:
+        weights = torch.cat([p.flatten() for p in self.model.parameters()])
+        return weights.mean() * batch + torch.rand(()) * 0  # draws from the global generator
+
+    def batch_size(self, batch: float) -> int:
+        return 1
+
+    def write_samples(self, step: int, directory: Path) -> dict[str, Path | float]:
+        return {}
+
+
+class Ones:
+    batches_per_epoch, epoch = None, 0
+
+    def __iter__(self):
+        while True:
+            yield 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class NoMetrics:
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+
+def run(model: nn.Module, out: Path) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    settings = LoopSettings(Precision("fp32", torch.device("cpu")), max_steps=4, save_every=2, log_every=2)
+    train(Train(model), Ones(), optimizer, Schedule(optimizer, "constant", 4), settings, out, NoMetrics(), {})
+
+
+def test_a_model_whose_checkpoint_reloads_differently_stops_at_the_first_save_unpublished(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(TrainError) as caught:
+        run(Coder(flip=True, remember_flip=False), tmp_path)  # from_pretrained builds flip=False
+    assert str(caught.value).startswith(
+        "the run's first checkpoint does not reload as it was saved: its VAE (Coder) gives other codes "
+        "for the same images after reloading (")
+    assert "its save_pretrained and from_pretrained do not agree. The run stops now" in str(caught.value)
+    checkpoints = tmp_path / CHECKPOINTS
+    assert step_dirs(checkpoints) == [] and not (checkpoints / LATEST).exists()
+    assert [p.name for p in checkpoints.iterdir()] == [".tmp-step-2"]  # deleted when the next run starts
+
+
+def test_a_checkpoint_that_cannot_be_read_back_is_named(tmp_path):
+    model = Coder()
+    model.extra = nn.Parameter(torch.ones(1))  # added after construction: from_pretrained has no place for it
+    with pytest.raises(TrainError, match=r"first checkpoint does not reload as it was saved: it cannot be "
+                                         r"read back \(KeyError: .*unexpected keys \['extra'\]"):
+        run(model, tmp_path)
+
+
+def test_a_good_checkpoint_is_checked_without_changing_the_run(tmp_path, monkeypatch):
+    checked: list[Path] = []
+
+    def counting(model: nn.Module, load: Any, directory: Path) -> None:
+        checked.append(directory)
+        check_first_checkpoint(model, load, directory)
+
+    torch.manual_seed(0)
+    run(Coder(flip=True), tmp_path / "checked")
+    after_checked = torch.rand(3)
+    monkeypatch.setattr("dalle_train.training.loop.check_first_checkpoint", counting)
+    torch.manual_seed(0)
+    run(Coder(flip=True), tmp_path / "counted")
+    assert [p.name for p in checked] == [".tmp-step-2"]  # the first save only
+    monkeypatch.setattr("dalle_train.training.loop.check_first_checkpoint", lambda *args: None)
+    torch.manual_seed(0)
+    run(Coder(flip=True), tmp_path / "unchecked")
+    assert torch.equal(torch.rand(3), after_checked)  # reloading drew from no generator of the run
+    saved = [torch.load(tmp_path / run_ / CHECKPOINTS / "step-4" / "training" / "state.pt",
+                        weights_only=True)["rng"]["torch"] for run_ in ("checked", "unchecked")]
+    assert torch.equal(saved[0], saved[1])
+
+
+def test_reload_problem_names_what_differs():
+    model = Coder()
+    same = Coder()
+    same.load_state_dict(model.state_dict())
+    assert reload_problem(model, same) is None
+    other = Coder()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.to_logits.bias.add_(1)
+    assert reload_problem(model, other) == "the weight to_logits.bias has other values after reloading"
+    assert reload_problem(nn.Linear(2, 2), nn.Linear(2, 3)) == (
+        "the weight weight has other values after reloading")
+    renamed = nn.Sequential(nn.Linear(2, 2))
+    assert reload_problem(nn.Linear(2, 2), renamed) == (
+        "the weights ['bias', 'weight'] are missing and ['0.bias', '0.weight'] are new after reloading")
+    holder = nn.Module()
+    holder.vae = model
+    assert reload_problem(holder, nn.Module()).startswith("the weights ['vae.to_logits.bias'")
