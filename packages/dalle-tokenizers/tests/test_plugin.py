@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from dalle_core.plugins import create_tokenizer, describe_plugins, registry
+from dalle_core.plugins import create_tokenizer, default_tokenizer_name, describe_plugins, registry
 from dalle_tokenizers import BPETokenizer
 from dalle_tokenizers.chinese import INSTALL as CHINESE_INSTALL
 from dalle_tokenizers.yttm import INSTALL as YTTM_INSTALL
@@ -27,6 +27,21 @@ def test_registered_by_this_package() -> None:
     rows = {row.name: row for row in describe_plugins() if row.kind == "tokenizers"}
     assert "--no-build-isolation youtokentome==1.0.6" in rows["yttm"].description
 
+
+
+def test_bpe_is_the_default_tokenizer_of_a_dalle_built_without_one() -> None:
+    """As upstream: ``generate_texts`` of a DALLE built in Python decodes with CLIP's BPE."""
+    import torch
+
+    from dalle_core import DALLE, DiscreteVAE
+
+    torch.manual_seed(0)
+    vae = DiscreteVAE(image_size=16, num_layers=2, num_tokens=8, codebook_dim=8, hidden_dim=8)
+    dalle = DALLE(dim=16, vae=vae, num_text_tokens=49408, text_seq_len=6, depth=1, heads=2, dim_head=8)
+    assert default_tokenizer_name() == "bpe"
+    tokens, texts = dalle.generate_texts("a cat", generator=torch.Generator().manual_seed(0))
+    bpe = create_tokenizer("bpe")
+    assert tokens[0, :2].tolist() == bpe.encode("a cat") and texts == [bpe.decode(tokens[0])]
 
 #: run in a fresh interpreter where importing youtokentome or transformers fails
 WITHOUT_OPTIONAL_LIBRARIES = textwrap.dedent(

@@ -18,7 +18,7 @@ from dalle_train.training.layout import CHECKPOINTS, LATEST
 from dalle_train.training.loop import LoopSettings, Task, train
 from dalle_train.training.optim import Schedule
 from dalle_train.training.precision import Precision
-from dalle_train.training.reload_check import check_first_checkpoint, reload_problem
+from dalle_train.training.reload_check import FirstCheckpointCheck
 
 
 class Coder(PretrainedMixin, nn.Module):
@@ -105,18 +105,26 @@ def test_a_checkpoint_that_cannot_be_read_back_is_named(tmp_path):
 def test_a_good_checkpoint_is_checked_without_changing_the_run(tmp_path, monkeypatch):
     checked: list[Path] = []
 
-    def counting(model: nn.Module, load: Any, directory: Path) -> None:
-        checked.append(directory)
-        check_first_checkpoint(model, load, directory)
+    class Counting(FirstCheckpointCheck):
+        def __call__(self, model: nn.Module, load: Any, directory: Path, whole: bool) -> None:
+            checked.append(directory)
+            super().__call__(model, load, directory, whole)
+
+    class Unchecked(FirstCheckpointCheck):
+        def __init__(self, model: nn.Module) -> None:
+            pass
+
+        def __call__(self, *args: Any) -> None:
+            pass
 
     torch.manual_seed(0)
     run(Coder(flip=True), tmp_path / "checked")
     after_checked = torch.rand(3)
-    monkeypatch.setattr("dalle_train.training.loop.check_first_checkpoint", counting)
+    monkeypatch.setattr("dalle_train.training.loop.FirstCheckpointCheck", Counting)
     torch.manual_seed(0)
     run(Coder(flip=True), tmp_path / "counted")
     assert [p.name for p in checked] == [".tmp-step-2"]  # the first save only
-    monkeypatch.setattr("dalle_train.training.loop.check_first_checkpoint", lambda *args: None)
+    monkeypatch.setattr("dalle_train.training.loop.FirstCheckpointCheck", Unchecked)
     torch.manual_seed(0)
     run(Coder(flip=True), tmp_path / "unchecked")
     assert torch.equal(torch.rand(3), after_checked)  # reloading drew from no generator of the run
@@ -125,7 +133,11 @@ def test_a_good_checkpoint_is_checked_without_changing_the_run(tmp_path, monkeyp
     assert torch.equal(saved[0], saved[1])
 
 
-def test_reload_problem_names_what_differs():
+def reload_problem(model: nn.Module, reloaded: nn.Module, whole: bool = True) -> str | None:
+    return FirstCheckpointCheck(model).problem(model, reloaded, whole)
+
+
+def test_the_problem_names_what_differs():
     model = Coder()
     same = Coder()
     same.load_state_dict(model.state_dict())
@@ -143,3 +155,25 @@ def test_reload_problem_names_what_differs():
     holder = nn.Module()
     holder.vae = model
     assert reload_problem(holder, nn.Module()).startswith("the weights ['vae.to_logits.bias'")
+    emptied = nn.Module()
+    emptied.vae = nn.Module()
+    emptied.vae.to_logits = Coder().to_logits
+    emptied.vae.to_logits.load_state_dict(model.to_logits.state_dict())
+    assert reload_problem(holder, emptied) == "the reloaded model has no VAE (Coder before)"
+
+
+def test_a_frozen_vae_is_encoded_before_training_and_a_trained_one_only_when_whole():
+    frozen = Coder(flip=True).requires_grad_(False)
+    check = FirstCheckpointCheck(frozen)
+    assert check.frozen_codes is not None and check.frozen_codes.shape == (2, 16)
+    with torch.no_grad():
+        frozen.to_logits.bias[0] += 100  # codes taken now would differ: the ones from the start are used
+    reloaded = Coder(flip=True)
+    reloaded.load_state_dict(frozen.state_dict())
+    assert check.problem(frozen, reloaded, whole=False) is not None  # the codes before training differ
+    trained = Coder(flip=True, remember_flip=False)
+    forgetful = Coder(flip=False, remember_flip=False)
+    forgetful.load_state_dict(trained.state_dict())
+    assert FirstCheckpointCheck(trained).frozen_codes is None
+    assert "gives other codes" in reload_problem(trained, forgetful, whole=True)
+    assert reload_problem(trained, forgetful, whole=False) is None  # sharded: its weights were compared

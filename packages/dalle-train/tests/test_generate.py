@@ -233,19 +233,22 @@ def direct(model_dir: Path, prompt: str, seed: int, **kwargs) -> torch.Tensor:
     dalle = DALLE.from_pretrained(model_dir).eval()
     text = ByteTokenizer().tokenize([prompt], TEXT_SEQ_LEN)
     generator = torch.Generator().manual_seed(prompt_seed(seed, prompt))
-    return torch.cat([dalle.generate_images(text.expand(n, -1), filter_thres=0.9, generator=generator, **kwargs)
-                      for n in (2, 1)])
+    return torch.cat([
+        dalle.generate_images(text.expand(n, -1), filter_thres=0.9, generator=generator, **kwargs)
+        for n in (2, 1)
+    ])
 
 
 @pytest.mark.parametrize("count", [None, "5"])
 def test_img_primes_as_generate_images_does(model_dir, tmp_path, count):
     image_path, _, expected, _ = write_start_files(tmp_path / "files")
     extra = ["--num-init-img-tokens", count] if count else []
-    assert generate(model_dir, tmp_path / "out", "--seed", "1", "--img", str(image_path), *extra, text="a dot") == 0
-    made = read_images(tmp_path / "out" / "a-dot")
-    want = direct(model_dir, "a dot", 1, img=expected, num_init_img_tokens=int(count) if count else None)
+    code = generate(model_dir, tmp_path / "out", "--seed", "1", "--img", str(image_path), *extra, text="dot")
+    assert code == 0
+    made = read_images(tmp_path / "out" / "dot")
+    want = direct(model_dir, "dot", 1, img=expected, num_init_img_tokens=int(count) if count else None)
     assert torch.allclose(made, want, atol=0.5 / 255 + 1e-6)
-    with Image.open(tmp_path / "out" / "a-dot" / "start.png") as start:
+    with Image.open(tmp_path / "out" / "dot" / "start.png") as start:
         assert torch.allclose(to_tensor(start.convert("RGB")), expected[0], atol=0.5 / 255 + 1e-6)
 
 
@@ -287,7 +290,7 @@ def test_bad_start_images_and_masks_are_named(model_dir, tmp_path, capsys):
         (["--img", str(image_path), "--num-init-img-tokens", "16"],
          "--num_init_img_tokens 16: the model's images have 16 codes, so give 0 to 15"),
         (["--img", str(image_path), "--mask", str(small)],
-         f"--mask {small} is 8x8 pixels but the --img file is 24x16: draw the mask over the image, at its size"),
+         f"--mask {small} is 8x8 pixels but the --img file is 24x16: draw the mask over the image"),
         (["--img", str(image_path), "--mask", str(black)], f"--mask {black} is black everywhere"),
         (["--img", str(broken)], f"--img {broken}: not a readable image"),
         (["--img", str(tmp_path / "missing.png")], "--img"),

@@ -40,7 +40,7 @@ from dalle_train.training.layout import CHECKPOINTS, ENGINE_STATE, step_dir
 from dalle_train.training.metrics import MetricsLog
 from dalle_train.training.optim import Schedule
 from dalle_train.training.precision import Precision
-from dalle_train.training.reload_check import check_first_checkpoint
+from dalle_train.training.reload_check import FirstCheckpointCheck
 from dalle_train.training.rng import rng_state, seed_everything, set_rng_state
 from dalle_train.training.signals import StopRequest
 
@@ -161,6 +161,7 @@ def train(
             raise TrainError(f"the checkpoint is at step {step} and this run stops at step {total}: "
                              f"raise --max-steps or --epochs to train further")
     device, model_class = next(model.parameters()).device, type(model)  # a backend may change its class
+    check_first = FirstCheckpointCheck(model)  # before a backend shards it
     # a backend's configuration (a DeepSpeed file contradicting the flags) is checked here
     task.wrapped, optimizer = as_train_error(f"--distributed-backend {backend.plugin_name}",
                                              lambda: backend.wrap(model, optimizer, settings.plan()))
@@ -204,8 +205,9 @@ def train(
         backend.save_engine_state(temp / ENGINE_STATE)
         saved = step_dir(checkpoints, at)
         # the run's first checkpoint is read back before it is published (`check_first_checkpoint`)
-        check = None if last_saved else lambda directory: check_first_checkpoint(
-            model, lambda path: model_class.from_pretrained(path, map_location=device), directory)
+        check = None if last_saved else lambda directory: check_first(
+            model, lambda path: model_class.from_pretrained(path, map_location=device), directory,
+            backend.replicated)
         with backend.gathered(model):
             if root:
                 saved = save_checkpoint(checkpoints, at, model, state, settings.keep, temp, check)

@@ -3,7 +3,12 @@
 A run must not spend hours writing checkpoints that cannot be used: a model (or its VAE, from
 a plugin) whose ``save_pretrained`` and ``from_pretrained`` do not agree is caught at the first
 save, before that checkpoint is published. The reloaded model must hold the same weights, and
-its VAE (the model itself for a VAE run) must give the same codes for the same images.
+its VAE must give the same codes for the same images.
+
+The codes of the model's own VAE are taken before training, when the VAE is frozen (a DALLE's):
+then they are the codes at the first save too, and no forward runs on the model while an engine
+that shards it (FSDP, ZeRO-3) has its weights gathered on the root alone. A VAE being trained
+(``dalle-train vae``) is encoded at the save, where every process holds the whole model.
 """
 
 from __future__ import annotations
@@ -21,9 +26,68 @@ from dalle_train.training.rng import rng_state, set_rng_state
 CHECK_IMAGES = 2  # random images whose codes are compared
 
 
-def reload_problem(model: nn.Module, reloaded: nn.Module) -> str | None:
-    """What differs between ``model`` and ``reloaded`` (its checkpoint read back), or None."""
-    state, again = model.state_dict(), reloaded.state_dict()
+class FirstCheckpointCheck:
+    """Built with the model before training (on every process); `__call__` checks the first
+    checkpoint on the root."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.vae = vae_of(model)
+        self.images: torch.Tensor | None = None  # [N, C, H, W] in [0, 1]
+        self.frozen_codes: torch.Tensor | None = None  # [N, m]: a frozen VAE's, taken now
+        if self.vae is None:
+            return
+        generator = torch.Generator().manual_seed(0)
+        side = self.vae.image_size
+        self.images = torch.rand(CHECK_IMAGES, self.vae.channels, side, side, generator=generator)
+        if not any(p.requires_grad for p in getattr(self.vae, "parameters", list)()):
+            self.frozen_codes = _untouched_rng(lambda: codes_of(self.vae, self.images))
+
+    def __call__(self, model: nn.Module, load: Callable[[Path], nn.Module], directory: Path,
+                 whole: bool) -> None:
+        """Reload the checkpoint being written in ``directory`` with ``load`` and compare it with
+        ``model`` (its weights gathered); ``whole``: every process holds the whole model, so its
+        VAE may run here. A `TrainError` saying what differs; the random generators are left as
+        they were (building the reloaded model draws from them), so checking never changes a run."""
+
+        def problem() -> str | None:
+            try:
+                reloaded = load(directory)
+            except Exception as error:  # any failure to read it back is the finding
+                return f"it cannot be read back ({type(error).__name__}: {error})"
+            return self.problem(model, reloaded, whole)
+
+        found = _untouched_rng(problem)
+        if found:
+            raise TrainError(
+                f"the run's first checkpoint does not reload as it was saved: {found}. The run stops now "
+                f"rather than write checkpoints that cannot be used (what was written is in {directory} "
+                f"until the next run starts)"
+            )
+
+    def problem(self, model: nn.Module, reloaded: nn.Module, whole: bool = True) -> str | None:
+        """What differs between ``model`` and ``reloaded`` (its checkpoint read back), or None."""
+        differ = weights_problem(model.state_dict(), reloaded.state_dict())
+        if differ or self.vae is None:
+            return differ
+        vae_again = vae_of(reloaded)
+        if vae_again is None:
+            return f"the reloaded model has no VAE ({type(self.vae).__name__} before)"
+        codes = self.frozen_codes
+        if codes is None:
+            if not whole:  # a VAE in training under a sharding engine: its weights were compared
+                return None
+            codes = codes_of(self.vae, self.images)
+        again = codes_of(vae_again, self.images)
+        if not torch.equal(codes, again):
+            count = int((codes != again).sum())
+            return (f"its VAE ({type(self.vae).__name__}) gives other codes for the same images after "
+                    f"reloading ({count} of {codes.numel()} differ): its save_pretrained and from_pretrained "
+                    f"do not agree")
+        return None
+
+
+def weights_problem(state: dict[str, torch.Tensor], again: dict[str, torch.Tensor]) -> str | None:
+    """What differs between two state dicts (names, then values), or None."""
     lost, gained = sorted(state.keys() - again.keys()), sorted(again.keys() - state.keys())
     if lost or gained:
         return f"the weights {lost or 'none'} are missing and {gained or 'none'} are new after reloading"
@@ -31,46 +95,10 @@ def reload_problem(model: nn.Module, reloaded: nn.Module) -> str | None:
         # an engine may keep half-precision weights, read back into a float32 model: compared as saved
         if not torch.equal(tensor.detach().cpu(), again[key].detach().cpu().to(tensor.dtype)):
             return f"the weight {key} has other values after reloading"
-    vae, vae_again = _vae_of(model), _vae_of(reloaded)
-    if vae is None:
-        return None
-    if vae_again is None:
-        return f"the reloaded model has no VAE ({type(vae).__name__} before)"
-    device = next(iter(state.values())).device if state else torch.device("cpu")
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(CHECK_IMAGES, vae.channels, vae.image_size, vae.image_size, generator=generator)
-    images = images.to(device)  # [N, C, H, W] in [0, 1]
-    codes, codes_again = _codes(vae, images), _codes(vae_again, images)  # [N, m] each
-    if not torch.equal(codes.cpu(), codes_again.cpu()):
-        differ = int((codes.cpu() != codes_again.cpu()).sum())
-        return (f"its VAE ({type(vae).__name__}) gives other codes for the same images after reloading "
-                f"({differ} of {codes.numel()} differ): its save_pretrained and from_pretrained do not agree")
     return None
 
 
-def check_first_checkpoint(model: nn.Module, load: Callable[[Path], nn.Module], directory: Path) -> None:
-    """Reload the checkpoint being written in ``directory`` with ``load`` and compare it with
-    ``model``; a `TrainError` saying what differs. The random generators are left as they were
-    (building the reloaded model draws from them), so checking never changes a run."""
-    saved = rng_state()
-    try:
-        try:
-            reloaded = load(directory)
-        except Exception as error:  # any failure to read it back is the finding
-            problem: str | None = f"it cannot be read back ({type(error).__name__}: {error})"
-        else:
-            problem = reload_problem(model, reloaded)
-    finally:
-        set_rng_state(saved)
-    if problem:
-        raise TrainError(
-            f"the run's first checkpoint does not reload as it was saved: {problem}. The run stops now "
-            f"rather than write checkpoints that cannot be used (what was written is in {directory} "
-            f"until the next run starts)"
-        )
-
-
-def _vae_of(model: nn.Module) -> Any | None:
+def vae_of(model: nn.Module) -> Any | None:
     """The image VAE a model carries (a DALLE's), the model itself when it is one, else None."""
     for candidate in (model, getattr(model, "vae", None)):
         if callable(getattr(candidate, "get_codebook_indices", None)):
@@ -78,14 +106,26 @@ def _vae_of(model: nn.Module) -> Any | None:
     return None
 
 
-def _codes(vae: Any, images: torch.Tensor) -> torch.Tensor:
-    """``images [N, C, H, W]`` -> codes ``[N, m]`` in eval mode, the VAE's mode put back."""
-    was_training = getattr(vae, "training", False)
-    if isinstance(vae, nn.Module):
-        vae.eval()
+def codes_of(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """``images [N, C, H, W]`` -> codes ``[N, m]`` on the CPU, in eval mode on the VAE's device
+    (its mode put back)."""
+    module = vae if isinstance(vae, nn.Module) else None
+    device = next(module.parameters(), images).device if module is not None else images.device
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
     try:
         with torch.no_grad():
-            return vae.get_codebook_indices(images)
+            return vae.get_codebook_indices(images.to(device)).cpu()
     finally:
-        if isinstance(vae, nn.Module):
-            vae.train(was_training)
+        if module is not None:
+            module.train(was_training)
+
+
+def _untouched_rng(work: Callable[[], Any]) -> Any:
+    """``work()`` with the random generators put back afterwards."""
+    saved = rng_state()
+    try:
+        return work()
+    finally:
+        set_rng_state(saved)
