@@ -32,7 +32,7 @@ ALL_TYPES = PATTERNS  # every attention type
 
 #: options of the one-token step tests, on top of every attention type
 STEP_OPTIONS = [
-    {}, {"rotary_emb": False, "shift_tokens": False}, {"reversible": True},
+    {}, {"rotary_emb": False, "shift_tokens": False}, {"reversible": True}, {"upstream_rotary": True},
     {"sandwich_norm": True, "stable": True, "share_input_output_emb": True},
     {"attn_types": ("conv_like", "sparse"), "shared_attn_ids": (0, 1, 0, 1, 2),
      "shared_ff_ids": (0, 0, 1, 1, 0)},

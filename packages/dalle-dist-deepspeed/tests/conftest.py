@@ -19,6 +19,22 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 
+#: DeepSpeed's CPU allreduce keeps 67 MB per process in these shared-memory files and removes
+#: them only at a clean exit: the runs these tests kill leave theirs behind in /dev/shm (RAM)
+SHARED_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_buffers_left() -> None:
+    """Delete the shared-memory buffers that the session's DeepSpeed runs leave behind."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob(SHARED_BUFFERS)) if shm.is_dir() else set()
+    yield
+    if shm.is_dir():
+        for left in set(shm.glob(SHARED_BUFFERS)) - before:
+            left.unlink(missing_ok=True)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -59,8 +59,11 @@ class DALLE(PretrainedMixin, nn.Module):
 
     Extra keywords: ``attn_kernel`` (a registered attention kernel name, or ``"auto"``),
     ``activation_checkpointing`` (recompute layers in the backward pass), ``tokenizer``
-    (saved with the model; `generate_texts` decodes with it). ``optimize_for_inference`` is
-    accepted for compatibility: every pattern already runs on the cache-friendly masked path.
+    (saved with the model; `generate_texts` decodes with it), ``upstream_rotary`` (with
+    ``rotary_emb``: rotate the attention values by position too and take the text frequencies
+    over ``dim_head // 3``, as upstream's rotary did; for converted upstream checkpoints).
+    ``optimize_for_inference`` is accepted for compatibility: every pattern already runs on the
+    cache-friendly masked path.
     """
 
     plugin_name = "dalle"
@@ -90,6 +93,7 @@ class DALLE(PretrainedMixin, nn.Module):
         optimize_for_inference: bool = False,
         attn_kernel: str = "auto",
         activation_checkpointing: bool = False,
+        upstream_rotary: bool = False,
         tokenizer: Tokenizer | None = None,
     ):
         super().__init__()
@@ -107,7 +111,7 @@ class DALLE(PretrainedMixin, nn.Module):
             "shared_ff_ids": list(shared_ff_ids) if shared_ff_ids is not None else None,
             "share_input_output_emb": share_input_output_emb,
             "optimize_for_inference": optimize_for_inference, "attn_kernel": attn_kernel,
-            "activation_checkpointing": activation_checkpointing,
+            "activation_checkpointing": activation_checkpointing, "upstream_rotary": upstream_rotary,
         }
         self.vae = vae.requires_grad_(False).eval() if isinstance(vae, nn.Module) else vae
         self.tokenizer = tokenizer
@@ -144,7 +148,7 @@ class DALLE(PretrainedMixin, nn.Module):
             attn_types=attn_types, attn_kernel=attn_kernel, sandwich_norm=sandwich_norm,
             shift_tokens=shift_tokens, rotary_emb=rotary_emb, reversible=reversible,
             activation_checkpointing=activation_checkpointing,
-            shared_attn_ids=shared_attn_ids, shared_ff_ids=shared_ff_ids,
+            shared_attn_ids=shared_attn_ids, shared_ff_ids=shared_ff_ids, upstream_rotary=upstream_rotary,
         )
         self.norm_by_max = DivideMax(dim=-1) if stable else nn.Identity()
         self.final_norm = nn.LayerNorm(dim)

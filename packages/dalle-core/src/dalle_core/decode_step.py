@@ -7,11 +7,12 @@ residual adds and scales). `DecodeStep` computes the same function (eval mode: n
 the same weights and cache with 80: token shift is one ``index_select`` over the
 flattened history with per-position indices made once per generation call (the history's
 extra last row is zeros, for neighbours off the grid); queries, keys and values go through one
-matmul with per-position matrices (rotations for q and k, the identity for v); a position's key
-and value are stored with one copy through a per-position view of the cache; the first product
-of each branch goes into a buffer reused every step, whose views are made once; and each
-LayerScale branch joins the residual in one ``addcmul``. Tests compare it with the forward token
-by token, and cached generation through it with the uncached module path."""
+matmul with per-position matrices (rotations for q and k; for v the identity, or the rotation
+with ``upstream_rotary``); a position's key and value are stored with one copy through a
+per-position view of the cache; the first product of each branch goes into a buffer reused
+every step, whose views are made once; and each LayerScale branch joins the residual in one
+``addcmul``. Tests compare it with the forward token by token, and cached generation through it
+with the uncached module path."""
 
 from __future__ import annotations
 
@@ -173,13 +174,15 @@ class DecodeStep:
 
 def qkv_rotations(transformer: Transformer, start: int, end: int, dtype: torch.dtype) -> Tensor:
     """Per position ``p`` in ``start .. end - 1``: ``[3, D, D]`` matrices for (q, k, v) of one
-    token, rotating queries and keys (`rotation_matrices`) and keeping values:
-    ``[end - start, 3, D, D]``."""
+    token, rotating queries and keys (`rotation_matrices`), and values with the transformer's
+    ``upstream_rotary`` (else keeping them): ``[end - start, 3, D, D]``."""
     rotation = rotation_matrices(
         transformer.rotary_cos[start:end], transformer.rotary_sin[start:end], transformer.rotary_features
     ).to(dtype)  # [n, D, D]
-    identity = torch.eye(rotation.shape[-1], dtype=dtype, device=rotation.device).expand_as(rotation)
-    return torch.stack((rotation, rotation, identity), dim=1)
+    values = rotation
+    if not transformer.upstream_rotary:
+        values = torch.eye(rotation.shape[-1], dtype=dtype, device=rotation.device).expand_as(rotation)
+    return torch.stack((rotation, rotation, values), dim=1)
 
 
 def rotation_matrices(cos: Tensor, sin: Tensor, rot: int) -> Tensor:

@@ -31,6 +31,7 @@ class ForwardContext:
     offset: int
     key_padding_mask: Tensor | None  # [B, offset + n] bool, True = keep; None = keep all
     rotary: tuple[Tensor, Tensor, int] | None  # cos, sin [n, D] for positions offset.., rot
+    rotate_values: bool = False  # rotary rotates the values too (upstream's rotary)
 
 
 @dataclass
@@ -122,45 +123,53 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rot: int) -> Tensor:
 
 
 class _SplitRotatedQKV(torch.autograd.Function):
-    """``qkv [3, B, H, n, D]`` -> q, k (rotated by `apply_rotary`) and v ``[B, H, n, D]``.
+    """``qkv [3, B, H, n, D]`` -> q, k (rotated by `apply_rotary`) and v ``[B, H, n, D]``; v is
+    rotated too with ``rotate_values``.
 
-    The backward rotates the q and k gradients back (the rotation is orthogonal: ``-sin``) and
-    writes all three into one tensor. Autograd's own backward of the slices zero-filled a
-    qkv-sized tensor per slice and summed them: forward and backward took about 4.5 ms per
-    layer of the benchmark's config A step, against about 2.5 ms now.
+    The backward rotates the gradients of what was rotated back (the rotation is orthogonal:
+    ``-sin``) and writes all three into one tensor. Autograd's own backward of the slices
+    zero-filled a qkv-sized tensor per slice and summed them: forward and backward took about
+    4.5 ms per layer of the benchmark's config A step, against about 2.5 ms now.
     """
 
     @staticmethod
-    def forward(autograd_ctx, qkv: Tensor, cos: Tensor, sin: Tensor, rot: int):
+    def forward(autograd_ctx, qkv: Tensor, cos: Tensor, sin: Tensor, rot: int, rotate_values: bool):
+        rotated = 3 if rotate_values else 2  # q, k (, v)
         autograd_ctx.save_for_backward(cos, sin)
-        autograd_ctx.rot = rot
-        q, k = apply_rotary(qkv[:2], cos, sin, rot).unbind(0)
-        return q, k, qkv[2]
+        autograd_ctx.rot, autograd_ctx.rotated = rot, rotated
+        return (*apply_rotary(qkv[:rotated], cos, sin, rot).unbind(0), *qkv[rotated:].unbind(0))
 
     @staticmethod
     @once_differentiable
     def backward(autograd_ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
         cos, sin = autograd_ctx.saved_tensors
+        rotated = autograd_ctx.rotated
+        grads = (grad_q, grad_k, grad_v)
         grad = torch.empty((3, *grad_v.shape), dtype=grad_v.dtype, device=grad_v.device)
-        grad[:2] = apply_rotary(torch.stack((grad_q, grad_k)), cos, -sin, autograd_ctx.rot)
-        grad[2] = grad_v
-        return grad, None, None, None
+        grad[:rotated] = apply_rotary(torch.stack(grads[:rotated]), cos, -sin, autograd_ctx.rot)
+        if rotated < 3:
+            grad[2] = grad_v
+        return grad, None, None, None, None
 
 
-def split_qkv(qkv: Tensor, rotary: tuple[Tensor, Tensor, int] | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``qkv [3, B, H, n, D]`` -> q, k, v ``[B, H, n, D]``, q and k rotated when ``rotary``
-    (``cos, sin [n, D], rot``) is given."""
+def split_qkv(
+    qkv: Tensor, rotary: tuple[Tensor, Tensor, int] | None, rotate_values: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``qkv [3, B, H, n, D]`` -> q, k, v ``[B, H, n, D]``, q and k (and v with
+    ``rotate_values``) rotated when ``rotary`` (``cos, sin [n, D], rot``) is given."""
     if rotary is None:
         return qkv.unbind(0)
-    return _SplitRotatedQKV.apply(qkv, *rotary)
+    return _SplitRotatedQKV.apply(qkv, *rotary, rotate_values)
 
 
-def rotary_angles(dim_head: int, text_len: int, fmap_size: int) -> Tensor:
+def rotary_angles(dim_head: int, text_len: int, fmap_size: int, upstream: bool = False) -> Tensor:
     """Rotation angles ``[seq_len, rot_dim]`` for DALLE's three rotary axes (half-split layout).
 
     A third of the head's features each rotate by text position, image row and image column.
     Image codes share one text position far beyond the text; text sits far outside the image
-    grid (which spans [-1, 1]) on both image axes, as in the upstream project.
+    grid (which spans [-1, 1]) on both image axes, as in the upstream project. The text
+    frequencies' exponents are divided by the rotated features per axis, ``part``, or with
+    ``upstream`` by ``dim_head // 3`` as upstream did (one more than ``part`` when it is odd).
     """
     part = (dim_head // 3) // 2 * 2
     if part == 0:
@@ -174,7 +183,8 @@ def rotary_angles(dim_head: int, text_len: int, fmap_size: int) -> Tensor:
     text_pos = torch.where(is_text, positions, torch.full_like(positions, 8192)).float()
     row_pos = torch.where(is_text, torch.tensor(-10.0), grid[image_index // fmap_size])
     col_pos = torch.where(is_text, torch.tensor(-10.0), grid[image_index % fmap_size])
-    text_freqs = 1.0 / (10000 ** (torch.arange(0, part, 2).float() / part))
+    text_dim = dim_head // 3 if upstream else part
+    text_freqs = 1.0 / (10000 ** (torch.arange(0, part, 2).float() / text_dim))
     pixel_freqs = torch.linspace(1.0, 5.0, part // 2) * math.pi
     angles = torch.cat(
         (
@@ -187,15 +197,17 @@ def rotary_angles(dim_head: int, text_len: int, fmap_size: int) -> Tensor:
     return torch.cat((angles, angles), dim=-1)  # [seq_len, 3 * part]
 
 
-def rotary_tables(dim_head: int, text_len: int, fmap_size: int) -> tuple[Tensor, Tensor, int]:
+def rotary_tables(
+    dim_head: int, text_len: int, fmap_size: int, upstream: bool = False
+) -> tuple[Tensor, Tensor, int]:
     """``cos, sin [seq_len, dim_head]`` and ``rot``, the number of rotated features, for
-    `apply_rotary`.
+    `apply_rotary` (``upstream``: `rotary_angles`' upstream text frequencies).
 
     With the rotated features ``(x1, x2)`` (halves) and the rest ``x_pass``, the rotation is
     ``(x1 cos - x2 sin, x2 cos + x1 sin, x_pass)``: ``sin`` carries the signs (and 0 on
     ``x_pass``), ``cos`` is 1 on ``x_pass``.
     """
-    angles = rotary_angles(dim_head, text_len, fmap_size)  # [seq_len, rot]
+    angles = rotary_angles(dim_head, text_len, fmap_size, upstream)  # [seq_len, rot]
     seq_len, rot = angles.shape
     half = rot // 2
     cos = torch.ones(seq_len, dim_head)
@@ -316,7 +328,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, n, D]
-        q, k, v = split_qkv(qkv, ctx.rotary)
+        q, k, v = split_qkv(qkv, ctx.rotary, ctx.rotate_values)
         if cache is not None:
             end = ctx.offset + n
             cache.k[:, :, ctx.offset : end] = k
@@ -348,7 +360,8 @@ class Transformer(nn.Module):
 
     ``attn_types`` cycles over the layers; ``shared_attn_ids`` / ``shared_ff_ids`` (cycled too)
     make layers with the same id share one attention / feed-forward module (shared attention
-    must have the same type).
+    must have the same type). ``upstream_rotary`` (with ``rotary_emb``): rotate the values too and
+    use upstream's text frequencies (`rotary_angles`), as the upstream project's rotary did.
     """
 
     def __init__(
@@ -356,6 +369,7 @@ class Transformer(nn.Module):
         attn_dropout: float, ff_dropout: float, attn_types: tuple[str, ...], attn_kernel: str,
         sandwich_norm: bool, shift_tokens: bool, rotary_emb: bool, reversible: bool,
         activation_checkpointing: bool, shared_attn_ids=None, shared_ff_ids=None,
+        upstream_rotary: bool = False,
     ):
         super().__init__()
         self.patterns = [
@@ -388,8 +402,11 @@ class Transformer(nn.Module):
         self.heads, self.dim_head, self.dim = heads, dim_head, dim
         self.reversible = ReversibleSequence(self.attn_branches, self.ff_branches) if reversible else None
         self.activation_checkpointing = activation_checkpointing
+        if upstream_rotary and not rotary_emb:
+            raise ValueError("upstream_rotary=True changes the rotary embedding: it needs rotary_emb=True")
+        self.upstream_rotary = upstream_rotary
         if rotary_emb:
-            cos, sin, self.rotary_features = rotary_tables(dim_head, text_len, fmap_size)
+            cos, sin, self.rotary_features = rotary_tables(dim_head, text_len, fmap_size, upstream_rotary)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         else:
@@ -415,7 +432,7 @@ class Transformer(nn.Module):
             rotary = (self.rotary_cos[offset:end], self.rotary_sin[offset:end], self.rotary_features)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask[:, : offset + n]
-        return ForwardContext(offset, key_padding_mask, rotary)
+        return ForwardContext(offset, key_padding_mask, rotary, self.upstream_rotary)
 
     def forward(
         self, x: Tensor, *, offset: int = 0, key_padding_mask: Tensor | None = None,
