@@ -66,6 +66,13 @@ def randomize(model: nn.Module, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
 
 
+def client_state(dalle: nn.Module, hparams: dict[str, Any], vae_params: dict[str, Any] | None,
+                 epoch: int) -> dict[str, Any]:
+    """What upstream's train_dalle.py saves beside the weights (its ``save_obj``)."""
+    return {"hparams": hparams, "vae_params": vae_params, "epoch": epoch, "version": UPSTREAM_VERSION,
+            "vae_class_name": type(dalle.vae).__name__}
+
+
 def save_dalle_pt(
     path: Path,
     dalle: nn.Module,
@@ -77,14 +84,7 @@ def save_dalle_pt(
     """``torch.save`` as train_dalle.py's ``save_model`` does without DeepSpeed."""
     optimizer = torch.optim.Adam([p for p in dalle.parameters() if p.requires_grad], lr=3e-4)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5)
-    obj = {
-        "hparams": hparams,
-        "vae_params": vae_params,
-        "epoch": epoch,
-        "version": UPSTREAM_VERSION,
-        "vae_class_name": type(dalle.vae).__name__,
-        "weights": dalle.state_dict(),
-    }
+    obj = {**client_state(dalle, hparams, vae_params, epoch), "weights": dalle.state_dict()}
     if with_training_state:
         obj.update(opt_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict())
     torch.save(obj, path)
@@ -111,13 +111,7 @@ def save_deepspeed_dir(
     """What train_dalle.py's DeepSpeed branch leaves: DeepSpeed's ``save_checkpoint(cp_dir,
     client_state=...)`` files (names and keys as DeepSpeed's engine writes them) and upstream's
     ``auxiliary.pt``. Stage 3 writes the partitioned model-states file names instead."""
-    client_state = {
-        "hparams": hparams,
-        "vae_params": vae_params,
-        "epoch": epoch,
-        "version": UPSTREAM_VERSION,
-        "vae_class_name": type(dalle.vae).__name__,
-    }
+    client = client_state(dalle, hparams, vae_params, epoch)
     folder = directory / tag
     folder.mkdir(parents=True)
     module = {
@@ -143,7 +137,7 @@ def save_deepspeed_dir(
         mp_world_size=1,
         ds_config={"train_batch_size": 8, "zero_optimization": {"stage": stage}, "fp16": {"enabled": False}},
         ds_version="0.14.0",
-        **client_state,
+        **client,
     )
     if stage >= 3:
         states["module"] = {key: torch.empty(0) for key in module}
@@ -156,7 +150,7 @@ def save_deepspeed_dir(
     )
     (directory / "latest").write_text(tag)
     aux = {
-        **client_state,
+        **client,
         "weights": "To get a working standard checkpoint, look into consolidating DeepSpeed checkpoints.",
     }
     torch.save(aux, directory / "auxiliary.pt")
