@@ -278,19 +278,7 @@ def vae_save_problem(vae: Any) -> str | None:
     """Why ``vae`` could not be saved and rebuilt by name (inside a DALLE checkpoint), or None
     when it can: it needs a ``save_pretrained(directory)``, a registered plugin that makes it,
     and a way for that plugin to load it (``loader`` metadata or ``factory.from_pretrained``)."""
-    kind = type(vae).__name__
-    if not callable(getattr(vae, "save_pretrained", None)):
-        return f"the VAE ({kind}) has no save_pretrained(directory)"
-    name = vae_plugin_name(vae)
-    if name is None:
-        return (f"the VAE ({kind}) was not made by a registered VAE plugin, so it could not be rebuilt "
-                f"by name: register its class with the dalle_register_vaes hook, build it with "
-                f"create_vae(name), or give it the plugin_name it is registered under")
-    entry = registry("vaes")[name]
-    if _vae_loader(entry) is None:
-        return (f"VAE {name!r} (from {entry.package}) registers no loader and its factory has no "
-                f"from_pretrained, so a saved one could not be rebuilt")
-    return None
+    return _rebuilding_plugin(vae)[1]
 
 
 def save_vae(vae: Any, directory: str | Path) -> None:
@@ -298,16 +286,32 @@ def save_vae(vae: Any, directory: str | Path) -> None:
     name, package and version of the plugin that makes it, which `load_vae` rebuilds it with.
     A VAE that could not be rebuilt (`vae_save_problem`) is refused before anything is
     written."""
-    problem = vae_save_problem(vae)
-    if problem:
+    entry, problem = _rebuilding_plugin(vae)
+    if entry is None:
         raise TypeError(problem)
-    name = vae_plugin_name(vae)
-    entry = registry("vaes")[name]
     directory = Path(directory)
     vae.save_pretrained(directory)
-    record = {"name": name, "package": entry.package, "version": entry.version,
+    record = {"name": entry.name, "package": entry.package, "version": entry.version,
               "class": f"{type(vae).__module__}.{type(vae).__qualname__}"}
     write_json(directory / VAE_RECORD, record)
+
+
+def _rebuilding_plugin(vae: Any) -> tuple[PluginEntry | None, str | None]:
+    """``(entry, None)``: the registered plugin that saves and rebuilds ``vae``; else ``(None,
+    why not)``."""
+    kind = type(vae).__name__
+    if not callable(getattr(vae, "save_pretrained", None)):
+        return None, f"the VAE ({kind}) has no save_pretrained(directory)"
+    name = vae_plugin_name(vae)
+    if name is None:
+        return None, (f"the VAE ({kind}) was not made by a registered VAE plugin, so it could not be "
+                      f"rebuilt by name: register its class with the dalle_register_vaes hook, build it "
+                      f"with create_vae(name), or give it the plugin_name it is registered under")
+    entry = registry("vaes")[name]
+    if _vae_loader(entry) is None:
+        return None, (f"VAE {name!r} (from {entry.package}) registers no loader and its factory has no "
+                      f"from_pretrained, so a saved one could not be rebuilt")
+    return entry, None
 
 
 def saved_vae_name(directory: str | Path) -> str:
