@@ -285,7 +285,10 @@ def test_a_killed_process_ends_the_run(tmp_path: Path, vae_dir: Path) -> None:
     print(f"the run ended {ended_after:.1f} s after rank 1 was killed")
     assert launcher.returncode != 0
     assert ended_after < 60, f"the run went on for {ended_after:.0f} s after a process was killed"
-    assert "exits with return code = -9" in output, output[-3000:]
+    # the launcher names the first process it sees end: the killed one, or rank 0, whose collective
+    # failed because its peer was gone (a race; seen once in CI)
+    peer_gone = "Connection reset by peer" in output and "exits with return code = 1" in output
+    assert "exits with return code = -9" in output or peer_gone, output[-3000:]
     assert all(worker_rank(pid) is None for pid in ranks.values())  # no process left behind
 
 
