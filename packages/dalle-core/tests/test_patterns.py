@@ -65,6 +65,27 @@ def test_sparse_blocks_by_hand():
     assert one_block.dense_mask(1, 10, q_offset=7)[0].int().tolist() == [1, 1, 0, 0, 0, 0, 1, 1, 0, 0]
 
 
+def test_conv_windows_by_hand():
+    """``conv_like`` keeps the earlier half of the window centred on the query;
+    ``conv_like_trailing`` the whole window whose last cell is the query (upstream's)."""
+    # text_len 1 (position 0), a 4 x 4 grid (1 .. 16), kernel 3; query: code (2, 2) = position 11
+    grid = {(row, col): 1 + 4 * row + col for row in range(4) for col in range(4)}
+    expected = {
+        "conv_like": {(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)},
+        "conv_like_trailing": {(1, 1), (1, 2), (2, 1), (2, 2), (0, 0), (0, 1), (0, 2), (1, 0), (2, 0)},
+    }
+    for kind, cells in expected.items():
+        pattern = AttentionPattern(kind, text_len=1, fmap_size=4, kernel_size=3)
+        row = pattern.dense_mask(1, pattern.seq_len, q_offset=grid[2, 2])[0]  # [16]
+        allowed_cells = {cell for cell, position in grid.items() if position < 16 and row[position]}
+        assert row[0] and allowed_cells == cells, kind
+    dilated = AttentionPattern("conv_like_trailing", text_len=1, fmap_size=4, kernel_size=3, dilation=2)
+    row = dilated.dense_mask(1, dilated.seq_len, q_offset=grid[2, 2])[0]
+    assert {cell for cell, position in grid.items() if position < 16 and row[position]} == {
+        (0, 0), (0, 2), (2, 0), (2, 2)
+    }
+
+
 def test_allowed_is_exact_past_float32_integers():
     """Integer arithmetic at any position: float32 (what ``/`` on index tensors gives) is exact
     only up to 2**24, and a 4097 x 4097 grid already goes past it."""
@@ -95,7 +116,7 @@ def test_allowed_is_exact_past_float32_integers():
             "axial",
             {},
             "unknown attention pattern 'axial'; "
-            "valid patterns are full, axial_row, axial_col, conv_like, sparse",
+            "valid patterns are full, axial_row, axial_col, conv_like, conv_like_trailing, sparse",
         ),
         ("full", {"text_len": 0}, "text_len (0) and fmap_size (4) must be positive"),
         ("full", {"fmap_size": 0}, "text_len (3) and fmap_size (0) must be positive"),

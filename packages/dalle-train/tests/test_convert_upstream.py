@@ -270,12 +270,43 @@ def test_rotary_angles_of_another_upstream_version_are_refused(
     assert not (tmp_path / "out").exists()
 
 
-def test_conv_like_attention_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    theirs, hparams = upstream_dalle({"attn_types": ("full", "conv_like")})
-    assert convert(save_dalle_pt(tmp_path / "dalle.pt", theirs, hparams, VAE_PARAMS), tmp_path / "out") == 2
-    err = capsys.readouterr().err
-    assert "conv_like" in err and "dalle.pt" in err
-    assert not (tmp_path / "out").exists()
+#: an 8 x 8 grid of codes, so that upstream's 5 x 5 conv_like window is smaller than the image
+WIDE_VAE_PARAMS = {**VAE_PARAMS, "image_size": 32}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"attn_types": ("full", "conv_like")},
+        {"attn_types": ("conv_like",), "rotary_emb": True, "dim_head": 16, "shift_tokens": True},
+    ],
+    ids=["conv_like", "conv_like_rotary_shift_tokens"],
+)
+def test_conv_like_becomes_the_trailing_window(
+    options: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upstream's conv_like (window ending at the query) converts to ``conv_like_trailing``: the
+    same logits and the same greedy codes; the centred ``conv_like`` would differ."""
+    theirs, hparams = upstream_dalle(options, vae_params=WIDE_VAE_PARAMS)
+    path = save_dalle_pt(tmp_path / "dalle.pt", theirs, hparams, WIDE_VAE_PARAMS)
+    assert convert(path, tmp_path / "out") == 0
+    ours = DALLE.from_pretrained(tmp_path / "out").eval()
+    assert "conv_like_trailing" in ours.config["attn_types"]
+    assert_same_logits(theirs, ours)
+    centred = {**ours.config, "attn_types": ["conv_like" if kind == "conv_like_trailing" else kind
+                                              for kind in ours.config["attn_types"]]}
+    other = DALLE(vae=ours.vae, **{k: v for k, v in centred.items() if k != "vae"}).eval()
+    other.load_state_dict(ours.state_dict())
+    text, codes = inputs(theirs)
+    with torch.no_grad():
+        assert (other(text, codes) - ours(text, codes)).abs().max() > 1e-2  # the window matters here
+    monkeypatch.setattr(
+        upstream.dalle_pytorch, "gumbel_sample", lambda t, temperature, dim: t.argmax(dim=dim)
+    )
+    monkeypatch.setattr(theirs.vae, "decode", lambda codes: codes)
+    expected = theirs.generate_images(text.clone())
+    for use_cache in (True, False):
+        assert torch.equal(ours.generate_image_codes(text, temperature=0, use_cache=use_cache), expected)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 #: `AttentionPattern.kind` -> the ``KIND`` constant of the kernels
-KIND_CODES = {"full": 0, "axial_row": 1, "axial_col": 2, "conv_like": 3, "sparse": 4}
+KIND_CODES = {"full": 0, "axial_row": 1, "axial_col": 2, "conv_like": 3, "sparse": 4, "conv_like_trailing": 5}
 
 
 @triton.jit
@@ -40,9 +40,12 @@ def _allowed(
             rule = (q_img // fmap) == (k_img // fmap)
         elif KIND == 2:  # axial_col
             rule = (q_img % fmap) == (k_img % fmap)
-        elif KIND == 3:  # conv_like
+        elif KIND == 3 or KIND == 5:  # conv_like (centred window), conv_like_trailing (ends at the query)
             d_row = k_img // fmap - q_img // fmap
             d_col = k_img % fmap - q_img % fmap
+            if KIND == 5:
+                d_row += reach
+                d_col += reach
             rule = (
                 (tl.abs(d_row) <= reach)
                 & (tl.abs(d_col) <= reach)

@@ -10,7 +10,10 @@ Rules (True = may attend), always causal (key position <= query position):
 - image queries attend to all text and, per pattern, to earlier image codes:
   ``full`` all of them; ``axial_row`` those in the same row; ``axial_col`` those in the same
   column; ``conv_like`` those in the ``kernel_size x kernel_size`` window (with ``dilation``)
-  around the query; ``sparse`` those in the query's block and the ``num_local_blocks - 1``
+  centred on the query; ``conv_like_trailing`` those in the window that ends at the query
+  (rows and columns ``-(kernel_size - 1) * dilation .. 0`` of it: the upstream dalle-pytorch
+  ``conv_like``, which sees 25 earlier codes of a 5 x 5 kernel where the centred window
+  leaves 13); ``sparse`` those in the query's block and the ``num_local_blocks - 1``
   blocks before it (blocks of ``block_size`` sequence positions), the block-sparse layout of
   DeepSpeed's variable sparsity with the text as global blocks.
 
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PATTERNS = ("full", "axial_row", "axial_col", "conv_like", "sparse")
+PATTERNS = ("full", "axial_row", "axial_col", "conv_like", "conv_like_trailing", "sparse")
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,11 @@ class AttentionPattern:
             image_rule = q_row == kv_row
         elif self.kind == "axial_col":
             image_rule = q_col == kv_col
-        elif self.kind == "conv_like":
+        elif self.kind in ("conv_like", "conv_like_trailing"):
             reach = (self.kernel_size // 2) * self.dilation
             d_row, d_col = kv_row - q_row, kv_col - q_col
+            if self.kind == "conv_like_trailing":  # the window's last cell is the query
+                d_row, d_col = d_row + reach, d_col + reach
             image_rule = (
                 (d_row.abs() <= reach)
                 & (d_col.abs() <= reach)

@@ -44,6 +44,15 @@ def brute_force_allowed(pattern: AttentionPattern, query: int, key: int) -> bool
             and rows_apart % pattern.dilation == 0
             and cols_apart % pattern.dilation == 0
         )
+    if pattern.kind == "conv_like_trailing":
+        rows_back, cols_back = query_row - key_row, query_col - key_col
+        window = (pattern.kernel_size - 1) * pattern.dilation
+        return (
+            0 <= rows_back <= window
+            and 0 <= cols_back <= window
+            and rows_back % pattern.dilation == 0
+            and cols_back % pattern.dilation == 0
+        )
     if pattern.kind == "sparse":
         blocks_back = query // pattern.block_size - key // pattern.block_size
         return blocks_back < pattern.num_local_blocks

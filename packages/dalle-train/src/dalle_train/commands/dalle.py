@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle_core import DALLE
+from dalle_core.attention.patterns import PATTERNS
 from dalle_core.plugins import UnknownPluginError, vae_save_problem
 from dalle_train.choices import (
     TokenizerFlags,
@@ -118,8 +119,8 @@ def register(subparsers: Any) -> None:
                        ("loss-img-weight", float)):
         default = MODEL_DEFAULTS[name.replace("-", "_")]
         add_flag(model, f"--{name}", type=kind, help=f"(default {default})")
-    add_flag(model, "--attn-types", help="comma-separated, cycled over layers: full, axial_row, axial_col, "
-             "conv_like, sparse (default full)")
+    add_flag(model, "--attn-types", help=f"comma-separated, cycled over layers: {', '.join(PATTERNS)} "
+             "(default full)")
     add_flag(model, "--attn-kernel", help="attention kernel: auto, sdpa, flex, triton, ...")
     for name in ("reversible", "shift-tokens", "rotary-emb", "share-input-output-emb", "stable-softmax",
                  "sandwich-norm"):

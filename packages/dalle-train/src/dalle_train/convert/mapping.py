@@ -37,9 +37,11 @@ not rotated): the rows of ``to_qkv.weight`` (q, k and v of every head) and the c
 Upstream's ``transformer.pos_emb`` [1, seq_len + 1, rot] (the angles it saved) is checked against
 the angles this project computes, then dropped.
 
-Refused, by name: the attention types ``conv_like`` (upstream's 5 x 5 window ends at the query:
-rows and columns ``-4 .. 0``; this project's is centred on it) and ``sparse`` (DeepSpeed's
-layout with random blocks drawn when the model was built, saved nowhere).
+Attention types: ``full``, ``axial_row`` and ``axial_col`` keep their names; upstream's
+``conv_like`` (its 5 x 5 window ends at the query: rows and columns ``-4 .. 0``) becomes
+``conv_like_trailing`` (this project's ``conv_like`` window is centred on the query). Refused, by
+name: ``sparse`` (DeepSpeed's variable sparsity, with random blocks drawn when the model was
+built; this project's ``sparse`` has none).
 """
 
 from __future__ import annotations
@@ -76,12 +78,16 @@ UPSTREAM_DEFAULTS: dict[str, Any] = {
 REQUIRED = ("dim", "depth")
 #: accepted and without effect upstream (its Transformer never read ``sparse_attn``)
 IGNORED = ("sparse_attn",)
-MAPPED_ATTN_TYPES = ("full", "axial_row", "axial_col")
+#: upstream attention type -> this project's pattern computing the same function
+MAPPED_ATTN_TYPES = {
+    "full": "full",
+    "axial_row": "axial_row",
+    "axial_col": "axial_col",
+    "conv_like": "conv_like_trailing",
+}
 REFUSED_ATTN_TYPES = {
-    "conv_like": "upstream's conv_like attends to the 5 x 5 window that ends at the query (rows and "
-    "columns -4 .. 0 of it), this project's to the window centred on it (-2 .. 2)",
-    "sparse": "upstream's sparse layers are DeepSpeed block-sparse attention with random blocks drawn "
-    "when the model was built and saved nowhere",
+    "sparse": "upstream's sparse layers are DeepSpeed block-sparse attention (variable sparsity) with "
+    "random blocks drawn when the model was built; this project's sparse pattern has no random blocks",
 }
 
 #: upstream branch part -> this project's, below ``transformer.<attn|ff>_branches.<i>.``
@@ -134,7 +140,7 @@ def dalle_config(hparams: dict[str, Any], source: str) -> dict[str, Any]:
                 f"{source}: attn_types {kind!r} is not an upstream attention type; convertible: "
                 f"{', '.join(MAPPED_ATTN_TYPES)}"
             )
-    config["attn_types"] = list(attn_types)
+    config["attn_types"] = [MAPPED_ATTN_TYPES[kind] for kind in attn_types]
     for key in ("shared_attn_ids", "shared_ff_ids"):
         if config[key] is not None:
             config[key] = list(config[key])
