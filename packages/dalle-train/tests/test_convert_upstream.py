@@ -231,6 +231,17 @@ def test_deepspeed_zero3_is_refused_naming_zero_to_fp32(
     assert not (tmp_path / "out").exists()
 
 
+def test_deepspeed_model_parallel_shards_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    theirs, hparams = upstream_dalle({})
+    directory = save_deepspeed_dir(tmp_path / "dalle-ds-cp", theirs, hparams, VAE_PARAMS)
+    folder = directory / "global_step7"
+    (folder / "mp_rank_01_model_states.pt").write_bytes((folder / "mp_rank_00_model_states.pt").read_bytes())
+    assert convert(directory, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "mp_rank_01" in err and "only one model rank" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_deepspeed_aux_file_alone_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     theirs, hparams = upstream_dalle({})
     directory = save_deepspeed_dir(tmp_path / "dalle-ds-cp", theirs, hparams, VAE_PARAMS)
