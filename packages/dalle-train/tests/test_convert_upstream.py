@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from upstream_files import (
     UPSTREAM_VERSION,
     import_upstream,
@@ -518,3 +520,89 @@ def test_openai_vae_dalle_gives_upstreams_logits_and_codes(tmp_path: Path) -> No
         expected = theirs(text.clone(), codes.clone())
         # 1028 positions of logits up to ~1: a relative 1e-5 as well (fp32 sums of 1028 terms)
         torch.testing.assert_close(ours(text, codes), expected, atol=ATOL, rtol=1e-5)
+
+
+#: a taming VQGAN config scaled down, at upstream VQGanVAE's fixed 256 px: f = 256 / 16 (upstream
+#: reads f from attn_resolutions, this project from ch_mult: both 16), 16 x 16 codes
+VQGAN_YAML = """model:
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: 16
+    n_embed: 32
+    ddconfig:
+      double_z: false
+      z_channels: 32
+      resolution: 256
+      in_channels: 3
+      out_ch: 3
+      ch: 32
+      ch_mult: [1, 1, 1, 1, 2]
+      num_res_blocks: 1
+      attn_resolutions: [16]
+      dropout: 0.0
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.DummyLoss
+"""
+
+
+class TamingVQModel(torch.nn.Module):
+    """The inference half of taming's ``VQModel`` (its modules, ``encode`` and ``decode``, as
+    taming-transformers writes them), built from taming's own encoder, quantizer and decoder:
+    the class itself is a Lightning module, and Lightning is not installed here."""
+
+    def __init__(self, ddconfig: dict, n_embed: int, embed_dim: int, **training_only: Any):
+        from taming.modules.diffusionmodules.model import Decoder, Encoder
+        from taming.modules.vqvae.quantize import VectorQuantizer2
+
+        super().__init__()
+        self.encoder, self.decoder = Encoder(**ddconfig), Decoder(**ddconfig)
+        self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=0.25)
+        self.quant_conv = torch.nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
+        self.post_quant_conv = torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+
+    def encode(self, x: torch.Tensor):
+        return self.quantize(self.quant_conv(self.encoder(x)))  # (quant, loss, (perplexity, _, indices))
+
+    def decode(self, quant: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(quant))
+
+
+def test_vqgan_dalle_gives_upstreams_logits_and_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upstream's VQGanVAE (its real wrapper around taming's model) in upstream's DALLE, saved as
+    train_dalle.py saves it, converted with the VQGAN's files given by upstream's flags."""
+    pytest.importorskip("dalle_vae_taming", reason="dalle-vae-taming (the vqgan VAE plugin) is not installed")
+    pytest.importorskip("taming.modules.vqvae.quantize", reason="taming-transformers is not installed")
+    monkeypatch.setattr(sys.modules["taming.models.vqgan"], "VQModel", TamingVQModel)
+    config = tmp_path / "model.yaml"
+    config.write_text(VQGAN_YAML)
+    torch.manual_seed(6)
+    params = yaml.safe_load(VQGAN_YAML)["model"]["params"]
+    vqgan = TamingVQModel(**params)
+    torch.save({"state_dict": vqgan.state_dict(), "global_step": 10}, tmp_path / "last.ckpt")
+    vae = upstream.VQGanVAE(str(tmp_path / "last.ckpt"), str(config))
+    assert torch.equal(vae.model.quantize.embedding.weight, vqgan.quantize.embedding.weight)
+    hparams = {**BASE, "depth": 2, "shift_tokens": True}
+    torch.manual_seed(0)
+    theirs = upstream.DALLE(vae=vae, **hparams)
+    randomize(theirs, 0)
+    theirs.eval()
+    assert theirs.image_seq_len == 256
+    path = save_dalle_pt(tmp_path / "dalle.pt", theirs, hparams, None)
+    vqgan_flags = ["--taming", "--vqgan_model_path", str(tmp_path / "last.ckpt"),
+                   "--vqgan_config_path", str(config)]
+    assert convert(path, tmp_path / "out", *vqgan_flags) == 0
+    ours = DALLE.from_pretrained(tmp_path / "out").eval()
+    assert type(ours.vae).__name__ == "VQGanVAE" and ours.vae.fmap_size == 16
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(8))
+    codes = theirs.vae.get_codebook_indices(images)
+    assert torch.equal(ours.vae.get_codebook_indices(images), codes)
+    assert len(set(codes.flatten().tolist())) > 1  # a real comparison, not a constant
+    assert_same_logits(theirs, ours)
+    # another VQGAN (other weights) than the one the DALLE was trained with is refused
+    torch.manual_seed(7)
+    torch.save({"state_dict": TamingVQModel(**params).state_dict()}, tmp_path / "other.ckpt")
+    other_flags = [*vqgan_flags[:2], str(tmp_path / "other.ckpt"), *vqgan_flags[3:]]
+    assert convert(path, tmp_path / "out2", *other_flags) == 2
+    assert not (tmp_path / "out2").exists()
