@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ALL_TYPES, STEP_OPTIONS, TEXT_SEQ_LEN, step_case, tiny_dalle
 
-from dalle_core import CLIP
+from dalle_core import CLIP, sampling
 from dalle_core.decode_step import DecodeStep, _IntoBuffer, rotation_matrices
 from dalle_core.plugins import default_tokenizer_name
 from dalle_core.sampling import Sampler, gumbel_noise, keep_count, top_p_filter
@@ -160,6 +160,53 @@ def test_same_generator_seed_same_images_and_mode_is_restored(text):
     assert torch.equal(first, second)
     assert dalle.training
     assert first.shape == (2, 3, 16, 16) and 0 <= first.min() and first.max() <= 1
+
+
+def test_a_generator_per_row_makes_each_row_independent_of_its_batch(text, monkeypatch):
+    """Row i drawn from generator i alone: the same codes alone, in another batch, at another
+    position, guided or not, whatever the chunking of the noise (which depends on the rows)."""
+    monkeypatch.setattr(sampling, "NOISE_CHUNK_VALUES", 100)  # a few steps per chunk, fewer for more rows
+    dalle = tiny_dalle().double()
+
+    def seeded(*seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    for options in ({}, {"cond_scale": 3.0, "filter_thres": 0.5}):
+        alone = [
+            dalle.generate_image_codes(text[i : i + 1], generator=seeded(10 + i), **options) for i in (0, 1)
+        ]
+        together = dalle.generate_image_codes(text, generator=seeded(10, 11), **options)  # [2, 16]
+        assert torch.equal(together, torch.cat(alone))
+        swapped = dalle.generate_image_codes(text.flip(0), generator=seeded(11, 10), **options)
+        assert torch.equal(swapped, together.flip(0))
+        wider = torch.cat((text, text))  # [4, L]: 4 rows draw their noise in other chunks
+        four = dalle.generate_image_codes(wider, generator=seeded(10, 11, 12, 13), **options)
+        assert torch.equal(four[:2], together) and not torch.equal(four[2:], together)
+    with pytest.raises(ValueError, match="one generator per row: got 1 generators for 2 rows"):
+        dalle.generate_image_codes(text, generator=seeded(1))
+
+
+def test_progress_counts_the_sampled_positions_and_can_stop_generation(text):
+    dalle = tiny_dalle()
+    calls = []
+    dalle.generate_images(text, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 16) for done in range(1, 17)]
+    calls.clear()  # priming: only the positions after the image's first 6 codes are sampled
+    dalle.generate_image_codes(text, img=torch.rand(2, 3, 16, 16), num_init_img_tokens=6,
+                               progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 10) for done in range(1, 11)]
+
+    class Cancelled(Exception):
+        pass
+
+    def stop_at_three(done, total):
+        if done == 3:
+            raise Cancelled
+
+    dalle.train()
+    with pytest.raises(Cancelled):
+        dalle.generate_images(text, progress=stop_at_three)
+    assert dalle.training  # the mode is restored when a progress callback stops generation
 
 
 def test_clip_ranking_returns_images_and_scores(text):

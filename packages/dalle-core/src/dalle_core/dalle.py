@@ -10,7 +10,7 @@ unconditional rows as one batch, each row with its own cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -347,8 +347,9 @@ class DALLE(PretrainedMixin, nn.Module):
         img_mask: Tensor | None = None,
         cond_scale: float = 1.0,
         use_cache: bool = True,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         compile: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Sample images ``[B, C, H, W]`` in [0, 1] for ``text [B, text_seq_len]``.
 
@@ -360,15 +361,19 @@ class DALLE(PretrainedMixin, nn.Module):
         codes to sample: every code whose cell the mask touches is sampled, in raster order,
         conditioned on every code placed before it; the others are the image's own;
         ``cond_scale``: classifier-free guidance; ``clip``: also return its scores ``[B]``.
-        The same ``generator`` state gives the same images, cached or not. ``compile``: run the
+        The same ``generator`` state gives the same images, cached or not; a sequence of
+        generators, one per row, draws each row's codes from its own generator alone (a row's
+        image then does not depend on the rows batched with it). ``compile``: run the
         cached step compiled ahead of time for this model and batch shape (CPU; the first call
         compiles for tens of seconds, later calls are faster; see `dalle_core.compiled_step`).
+        ``progress(done, total)`` is called after each code position sampled (``total`` of
+        them); an exception it raises stops generation (e.g. a cancelled request).
         """
         with torch.no_grad():  # a block, not the decorator: mutation testing skips decorated code
             codes = self.generate_image_codes(
                 text, mask=mask, filter_thres=filter_thres, top_p=top_p, temperature=temperature,
                 img=img, num_init_img_tokens=num_init_img_tokens, img_mask=img_mask, cond_scale=cond_scale,
-                use_cache=use_cache, generator=generator, compile=compile,
+                use_cache=use_cache, generator=generator, compile=compile, progress=progress,
             )
             with torch.autocast(codes.device.type, enabled=False):
                 images = self.vae.decode(codes)
@@ -389,8 +394,9 @@ class DALLE(PretrainedMixin, nn.Module):
         img_mask: Tensor | None = None,
         cond_scale: float = 1.0,
         use_cache: bool = True,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         compile: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """As `generate_images`, returning the codes ``LongTensor[B, image_seq_len]``."""
         with torch.no_grad():  # a block, not the decorator: mutation testing skips decorated code
@@ -413,8 +419,9 @@ class DALLE(PretrainedMixin, nn.Module):
                     mask = torch.cat((mask, torch.ones_like(mask)))
             rows = text.shape[0]
 
+            total = sum(drawn)
             sampler = Sampler(
-                self.num_image_tokens, batch, sum(drawn), filter_thres=filter_thres,
+                self.num_image_tokens, batch, total, filter_thres=filter_thres,
                 top_p=top_p, temperature=temperature, generator=generator, device=text.device,
             )
             mixed = (~sampled).any(0).tolist()  # per position: whether some row keeps its code
@@ -445,6 +452,7 @@ class DALLE(PretrainedMixin, nn.Module):
                     if self.image_row_emb is not None:
                         position_emb = self._image_pos_emb(self.image_seq_len).unbind(0)
                 code_columns = codes.unbind(1)  # [batch] each
+                done = 0  # positions sampled so far
                 for position in range(n_prime, self.image_seq_len):
                     sample = code_columns[position]  # [batch]: the image's codes, unless drawn
                     if drawn[position]:
@@ -452,6 +460,9 @@ class DALLE(PretrainedMixin, nn.Module):
                         if mixed[position]:
                             sample = torch.where(sampled[:, position], sample, code_columns[position])
                         code_columns[position].copy_(sample)
+                        done += 1
+                        if progress is not None:
+                            progress(done, total)
                     if position == self.image_seq_len - 1:
                         break
                     if use_cache:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -40,7 +42,9 @@ class Sampler:
     g)`` is drawn as ``argmax(logits + T g)``), which leaves five operators a step.
 
     The same ``generator`` state gives the same tokens for the same logits, whichever path
-    (cached or not) computed them.
+    (cached or not) computed them. ``generator`` may also be a sequence of generators, one per
+    row: row ``i`` then draws from generator ``i`` alone, so its tokens do not depend on the
+    other rows or on how many there are (requests batched together by a server).
     """
 
     def __init__(
@@ -52,7 +56,7 @@ class Sampler:
         filter_thres: float,
         top_p: float | None,
         temperature: float,
-        generator: torch.Generator | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
         device: torch.device | str = "cpu",
     ):
         self.k = keep_count(filter_thres, vocab)
@@ -60,6 +64,8 @@ class Sampler:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(generator, Sequence) and len(generator) != rows:
+            raise ValueError(f"one generator per row: got {len(generator)} generators for {rows} rows")
         self.top_p, self.temperature = top_p, temperature
         self.rows, self.generator, self.device = rows, generator, device
         self.chunk_steps = max(1, min(steps, NOISE_CHUNK_VALUES // (rows * self.k)))
@@ -77,7 +83,11 @@ class Sampler:
 
     def _next_noise(self) -> Tensor:
         if not self.noise:
-            noise = gumbel_noise((self.chunk_steps, self.rows, self.k), self.generator, self.device)
+            if isinstance(self.generator, Sequence):  # each row's noise from its own generator
+                rows = [gumbel_noise((self.chunk_steps, 1, self.k), g, self.device) for g in self.generator]
+                noise = torch.cat(rows, dim=1)  # [chunk_steps, rows, k]
+            else:
+                noise = gumbel_noise((self.chunk_steps, self.rows, self.k), self.generator, self.device)
             if self.temperature != 1:
                 noise.mul_(self.temperature)
             self.noise = list(noise.unbind(0))[::-1]  # popped from the end: first step last

@@ -54,6 +54,7 @@ from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.pictures import image_grid, save_png, slug
 from dalle_train.prime_image import read_image, read_mask
+from dalle_train.prompts import PromptTooLong, UnknownTokenIds, prompt_ids
 from dalle_train.training.layout import find_model_dir
 from dalle_train.training.precision import PRECISIONS, Precision
 
@@ -299,18 +300,11 @@ def prompt_tokens(
         )
         return text.to(device), texts[0]
     try:
-        text = dalle.tokenizer.tokenize([prompt], dalle.text_seq_len, truncate_text=args.truncate_captions)
-    except ValueError as error:
-        ids = len(dalle.tokenizer.encode(prompt))
-        raise TrainError(
-            f"prompt {prompt[:60]!r} is {ids} tokens long, more than the model's text_seq_len "
-            f"{dalle.text_seq_len}: shorten it or pass --truncate_captions"
-        ) from error
-    if int(text.max()) >= dalle.num_text_tokens:
-        raise TrainError(
-            f"prompt {prompt[:60]!r} has token ids the model does not know (>= {dalle.num_text_tokens}): "
-            f"use the tokenizer it was trained with"
-        )
+        text = prompt_ids(prompt, dalle, truncate=args.truncate_captions)
+    except PromptTooLong as error:
+        raise TrainError(f"{error}: shorten it or pass --truncate_captions") from error
+    except UnknownTokenIds as error:
+        raise TrainError(f"{error}: use the tokenizer it was trained with") from error
     return text.to(device), prompt
 
 
