@@ -14,7 +14,7 @@ from dalle_train import __version__
 from dalle_train.errors import TrainError
 
 #: modules under dalle_train.commands, in the order ``--help`` lists them
-COMMANDS = ("vae", "dalle", "clip", "generate", "shards", "encode", "convert", "plugins", "demo")
+COMMANDS = ("vae", "dalle", "clip", "generate", "serve", "shards", "encode", "convert", "plugins", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,9 +68,7 @@ def register(subparsers: Any) -> None:
         help="generate images for text prompts from a trained DALLE checkpoint",
         description=__doc__.split("\n\n")[0],
     )
-    add_flag(parser, "--dalle-path", required=True, metavar="PATH",
-             help="a DALLE checkpoint directory, a dalle-train dalle output directory or its "
-                  "checkpoints/ folder (the newest checkpoint)")
+    add_dalle_path_flag(parser)
     add_flag(parser, "--text", metavar="PROMPTS",
              help="prompts separated by '|' (optional with --gentext: start from nothing)")
     add_flag(parser, "--outputs-dir", default="./outputs", type=Path, metavar="DIR",
@@ -116,6 +114,13 @@ def register(subparsers: Any) -> None:
     add_tokenizer_flags(parser, default_help="the checkpoint's own")
     add_vae_flags(parser, default_help="the checkpoint's own; these flags check or replace it")
     parser.set_defaults(run=run)
+
+
+def add_dalle_path_flag(parser: argparse.ArgumentParser) -> None:
+    """``--dalle-path``, the checkpoint to generate from (what `load_dalle` reads)."""
+    add_flag(parser, "--dalle-path", required=True, metavar="PATH",
+             help="a DALLE checkpoint directory, a dalle-train dalle output directory or its "
+                  "checkpoints/ folder (the newest checkpoint)")
 
 
 def run(args: argparse.Namespace) -> int:
