@@ -344,6 +344,27 @@ def test_hparams_that_cannot_be_mapped_are_refused_by_name(
     assert named in err and "full" in err or named in err and "upstream DALLE's are" in err
 
 
+def test_shared_layers_whose_weights_differ_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """hparams that share layers 0 and 2, with weights where those layers differ (an edited file):
+    refused, not silently converted with one of the two."""
+    theirs, hparams = upstream_dalle(OPTION_SETS["shared_ids"])
+    weights = dict(theirs.state_dict())
+    key = next(
+        k for k in weights if k.startswith("transformer.layers.layers.2.0.") and k.endswith("to_qkv.weight")
+    )
+    weights[key] = weights[key] + 1  # layer 2's attention no longer layer 0's
+    path = tmp_path / "dalle.pt"
+    torch.save({"hparams": hparams, "vae_params": VAE_PARAMS, "vae_class_name": "DiscreteVAE",
+                "weights": weights, "version": UPSTREAM_VERSION}, path)
+    assert convert(path, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "transformer.attn_branches.0.fn.fn.fn.to_qkv.weight and transformer.attn_branches.2" in err
+    assert "the hparams' sharing does not fit the weights" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_weights_that_do_not_fit_the_hparams_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -18,7 +18,7 @@ from dalle_train.training.layout import CHECKPOINTS, LATEST
 from dalle_train.training.loop import LoopSettings, Task, train
 from dalle_train.training.optim import Schedule
 from dalle_train.training.precision import Precision
-from dalle_train.training.reload_check import FirstCheckpointCheck
+from dalle_train.training.reload_check import FirstCheckpointCheck, codes_of, vae_of, weights_problem
 
 
 class Coder(PretrainedMixin, nn.Module):
@@ -177,3 +177,127 @@ def test_a_frozen_vae_is_encoded_before_training_and_a_trained_one_only_when_who
     assert FirstCheckpointCheck(trained).frozen_codes is None
     assert "gives other codes" in reload_problem(trained, forgetful, whole=True)
     assert reload_problem(trained, forgetful, whole=False) is None  # sharded: its weights were compared
+
+
+def test_the_weights_compared_are_named_when_only_lost_or_only_gained():
+    one, two = {"a": torch.zeros(2)}, {"a": torch.zeros(2), "b": torch.ones(1)}
+    assert weights_problem(two, one) == "the weights ['b'] are missing and none are new after reloading"
+    assert weights_problem(one, two) == "the weights none are missing and ['b'] are new after reloading"
+    assert weights_problem(two, {"a": torch.zeros(2), "b": torch.ones(1)}) is None
+
+
+def test_weights_kept_in_half_precision_are_compared_as_saved():
+    saved = {"w": torch.tensor([0.1, 1 / 3], dtype=torch.float16), "n": torch.tensor([3, 4])}
+    assert weights_problem(saved, {"w": saved["w"].float(), "n": torch.tensor([3, 4])}) is None
+    assert weights_problem(saved, {"w": saved["w"].float() + 1e-2, "n": torch.tensor([3, 4])}) == (
+        "the weight w has other values after reloading")
+
+
+def test_a_model_without_a_vae_is_checked_by_its_weights_alone():
+    model = nn.Linear(2, 2)
+    check = FirstCheckpointCheck(model)
+    assert check.vae is None and check.images is None and check.frozen_codes is None
+    same = nn.Linear(2, 2)
+    same.load_state_dict(model.state_dict())
+    assert check.problem(model, same) is None
+
+
+def test_the_vae_is_the_model_itself_or_its_vae_attribute():
+    vae = Coder()
+    holder = nn.Module()
+    holder.vae = vae
+    assert vae_of(vae) is vae and vae_of(holder) is vae
+    not_callable = nn.Module()
+    not_callable.get_codebook_indices = None
+    assert vae_of(nn.Linear(1, 1)) is None and vae_of(not_callable) is None
+
+
+def test_the_codes_compared_are_counted():
+    model = Coder(flip=False)
+    reloaded = Coder(flip=True)  # every code shifted by one
+    reloaded.load_state_dict(model.state_dict())
+    assert reload_problem(model, reloaded) == (
+        "its VAE (Coder) gives other codes for the same images after reloading (32 of 32 differ): its "
+        "save_pretrained and from_pretrained do not agree")
+    # without `whole` the VAE being trained is encoded: every process holds it
+    assert FirstCheckpointCheck(model).problem(model, reloaded) == reload_problem(model, reloaded)
+
+
+def test_the_check_images_are_fixed_and_drawn_from_no_generator_of_the_run():
+    models = Coder(), Coder(flip=True)  # their initial weights drawn before
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    first, second = (FirstCheckpointCheck(model) for model in models)
+    assert torch.equal(torch.rand(4), expected)
+    assert first.images.shape == (2, 3, 4, 4) and torch.equal(first.images, second.images)
+    assert 0 <= first.images.min() and first.images.max() < 1 and first.images.std() > 0.1
+
+
+class Flat:
+    """A VAE that is not a torch module (a plugin may give one): codes are the mean brightness."""
+
+    image_size, channels = 4, 3
+
+    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.mean(1).flatten(1) * 10).long()
+
+
+def test_a_vae_that_is_not_a_module_is_encoded_once_before_training():
+    holder = nn.Module()
+    holder.vae = Flat()
+    check = FirstCheckpointCheck(holder)
+    assert torch.equal(check.frozen_codes, Flat().get_codebook_indices(check.images))
+    again = nn.Module()
+    again.vae = Flat()
+    assert check.problem(holder, again, whole=False) is None
+
+
+class ModeCoder(Coder):
+    """Codes that show the mode they were taken in (all 0 in eval mode), on a VAE without weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.to_logits
+        self.modes: list[bool] = []
+
+    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        return torch.full((images.shape[0], 16), int(self.training))
+
+
+def test_the_vae_is_encoded_in_eval_mode_and_its_mode_put_back():
+    for training in (True, False):
+        vae = ModeCoder().train(training)
+        assert codes_of(vae, torch.rand(2, 3, 4, 4)).tolist() == [[0] * 16] * 2
+        assert vae.modes == [False] and vae.training is training
+
+
+def test_a_checkpoint_that_fails_to_load_is_named_with_its_folder(tmp_path):
+    model = Coder()
+
+    def load(directory: Path) -> nn.Module:
+        raise ValueError(f"no weights in {directory.name}")
+
+    with pytest.raises(TrainError) as caught:
+        FirstCheckpointCheck(model)(model, load, tmp_path / ".tmp-step-2", whole=True)
+    assert str(caught.value) == (
+        "the run's first checkpoint does not reload as it was saved: it cannot be read back (ValueError: "
+        "no weights in .tmp-step-2). The run stops now rather than write checkpoints that cannot be used "
+        f"(what was written is in {tmp_path / '.tmp-step-2'} until the next run starts)")
+
+
+def test_a_good_reload_changes_no_random_generator():
+    model = Coder()
+    check = FirstCheckpointCheck(model)
+
+    def load(directory: Path) -> nn.Module:
+        reloaded = Coder()  # draws its initial weights
+        reloaded.load_state_dict(model.state_dict())
+        return reloaded
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    check(model, load, Path("unused"), whole=True)
+    assert torch.equal(torch.rand(4), expected)

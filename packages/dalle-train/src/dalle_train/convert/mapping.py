@@ -314,6 +314,26 @@ def map_dalle_weights(
                 f"{source}: the weight for {key} has shape {list(tensor.shape)} but the model "
                 f"its hparams describe needs {list(target[key].shape)}"
             )
+    for keys in shared_groups(target):  # a shared module is listed under every layer that uses it
+        differing = [key for key in keys[1:] if not torch.equal(out[key], out[keys[0]])]
+        if differing:
+            raise TrainError(
+                f"{source}: this project's {keys[0]} and {differing[0]} are one tensor (shared_attn_ids / "
+                f"shared_ff_ids of the hparams), but the upstream weights converted into them differ: the "
+                f"hparams' sharing does not fit the weights"
+            )
     if rotary_angles is not None:  # shapes checked: whole heads of dim_head features
         _to_half_split_rotary(out, weights.get("transformer.pos_emb"), rotary_angles, dim_head, source)
     return {key: tensor.to(target[key].dtype) for key, tensor in out.items()}
+
+
+def shared_groups(state: dict[str, Tensor]) -> list[list[str]]:
+    """Keys of ``state`` that name one tensor (the same memory, shape and strides), in groups
+    of two or more, each in ``state``'s order."""
+    groups: dict[tuple, list[str]] = {}
+    for key, tensor in state.items():
+        if tensor.numel() == 0:
+            continue
+        memory = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        groups.setdefault((*memory, tuple(tensor.shape), tensor.stride()), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
