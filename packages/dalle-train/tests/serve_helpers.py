@@ -1,10 +1,12 @@
-"""Shared by the serve tests and the serve benchmark: a tiny DALLE trained through the command
-line, JSON requests over HTTP, and the images a request should get when made alone."""
+"""Shared by the serve tests: a tiny DALLE trained through the command line, a gate that holds
+the worker before each batch, JSON requests over HTTP, and the images a request should get
+when made alone."""
 
 from __future__ import annotations
 
 import io
 import json
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +19,22 @@ from dalle_core import DALLE
 from dalle_train.imageio import to_tensor
 from dalle_train.serve.requests import image_seed, parse_request
 from dalle_train.training.layout import find_model_dir
+
+
+class Gate:
+    """Holds the worker before each batch until opened (``on_batch`` hook); records the batches."""
+
+    def __init__(self, opened: bool = True):
+        self.event = threading.Event()
+        if opened:
+            self.event.set()
+        self.batches: list[list[tuple[str, int]]] = []
+        self.reached = threading.Semaphore(0)
+
+    def __call__(self, rows) -> None:
+        self.batches.append([(row.job.request.prompt, row.index) for row in rows])
+        self.reached.release()
+        assert self.event.wait(60), "the test never opened the gate"
 
 
 def train_tiny_dalle(out: Path, vae_dir: Path, steps: int = 3) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 pytest.importorskip("fastapi", reason='the serve extra is not installed: pip install "dalle-train[serve]"')
 pytest.importorskip("uvicorn", reason='the serve extra is not installed: pip install "dalle-train[serve]"')
 
-from serve_helpers import get, images_alone, load_dalle, png_pixels, post, train_tiny_dalle  # noqa: E402
+from serve_helpers import Gate, get, images_alone, load_dalle, png_pixels, post, train_tiny_dalle  # noqa: E402
 
 from dalle_core import CLIP  # noqa: E402
 from dalle_train import cli  # noqa: E402
@@ -41,22 +40,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, vae_dir: Path) -> Path:
 def dalle(run_dir: Path):
     torch.set_num_threads(1)
     return load_dalle(run_dir)
-
-
-class Gate:
-    """Holds the worker before each batch until opened (``on_batch`` hook); records the batches."""
-
-    def __init__(self, opened: bool = True):
-        self.event = threading.Event()
-        if opened:
-            self.event.set()
-        self.batches: list[list[tuple[str, int]]] = []
-        self.reached = threading.Semaphore(0)
-
-    def __call__(self, rows) -> None:
-        self.batches.append([(row.job.request.prompt, row.index) for row in rows])
-        self.reached.release()
-        assert self.event.wait(60), "the test never opened the gate"
 
 
 def serving(dalle, gate: Gate | None = None, **options) -> Server:

@@ -17,8 +17,7 @@ import pytest
 pytest.importorskip("fastapi", reason='the serve extra is not installed: pip install "dalle-train[serve]"')
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
-from serve_helpers import load_dalle, png_pixels, train_tiny_dalle  # noqa: E402
-from test_serve import Gate  # noqa: E402
+from serve_helpers import Gate, load_dalle, png_pixels, train_tiny_dalle  # noqa: E402
 
 from dalle_train.serve.pngs import png_settings  # noqa: E402
 from dalle_train.serve.server import Server  # noqa: E402
