@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from dalle_core import DALLE, DiscreteVAE
 from dalle_core.attention.patterns import PATTERNS
+from dalle_core.download import CACHE_DIR_ENV
 
 TEXT_SEQ_LEN = 6
 NUM_TEXT_TOKENS = 50
+
+
+@pytest.fixture(autouse=True, scope="session")
+def session_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Downloads and compiled steps go to a folder of the test session, never the user's cache."""
+    previous = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("dalle-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = previous
 
 
 def tiny_vae() -> DiscreteVAE:

@@ -3,10 +3,17 @@ the position as a tensor, and its AOTInductor build samples the eager path's cod
 
 from __future__ import annotations
 
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import STEP_OPTIONS, step_case, tiny_dalle
 
+from dalle_core import DALLE, step_cache
 from dalle_core import compiled_step as compiled
 from dalle_core.compiled_step import PositionStep, cache_tensors
 from dalle_core.decode_step import DecodeStep
@@ -63,3 +70,66 @@ def test_compile_needs_the_cache_and_no_autocast(text):
         dalle.generate_image_codes(text, compile=True, use_cache=False)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="autocast"):
         dalle.generate_image_codes(text, compile=True)
+
+
+#: a new process: the saved model at argv[1] generates with compile=True; prints its codes
+SECOND_PROCESS = """
+import logging, sys, torch
+from dalle_core import DALLE
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+torch.set_num_threads(int(sys.argv[2]))
+dalle = DALLE.from_pretrained(sys.argv[1]).eval()
+text = torch.tensor([[3, 9, 4, 0, 0, 0], [5, 5, 5, 5, 1, 0]])
+codes = dalle.generate_image_codes(text, generator=torch.Generator().manual_seed(4), compile=True)
+print(codes.tolist())
+"""
+
+
+def entries() -> list[Path]:
+    return sorted(step_cache.cache_folder().glob("*.pt2"))
+
+
+@pytest.mark.slow
+def test_compiled_steps_are_kept_on_disk_for_other_processes_and_never_trusted_blindly(tmp_path, caplog):
+    tiny_dalle(attn_types=("full", "axial_row")).save_pretrained(tmp_path / "model")
+    dalle = DALLE.from_pretrained(tmp_path / "model").eval()
+    text = torch.tensor([[3, 9, 4, 0, 0, 0], [5, 5, 5, 5, 1, 0]])
+
+    def codes(compile: bool) -> torch.Tensor:
+        return dalle.generate_image_codes(text, generator=torch.Generator().manual_seed(4), compile=compile)
+
+    eager = codes(False)
+    before = set(entries())
+    with caplog.at_level(logging.INFO, logger="dalle_core"):
+        assert torch.equal(codes(True), eager)
+    assert "compiling the generation step" in caplog.text
+    (package,) = set(entries()) - before
+    assert package.with_suffix(".sha256").read_text().strip() == step_cache.sha256_of(package)
+
+    # another process loads the package instead of compiling, and samples the same codes
+    second = subprocess.run(
+        [sys.executable, "-c", SECOND_PROCESS, str(tmp_path / "model"), str(torch.get_num_threads())],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"loaded the compiled generation step from {package}" in second.stderr
+    assert "compiling the generation step" not in second.stderr
+    assert torch.tensor(json.loads(second.stdout)).equal(eager)
+
+    # a truncated package is deleted and compiled again, never loaded
+    package.write_bytes(package.read_bytes()[: package.stat().st_size // 2])
+    compiled._COMPILED.pop(dalle)  # forget the step in memory: as a new process would
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dalle_core"):
+        assert torch.equal(codes(True), eager)
+    assert "its digest does not match: truncated or changed: compiling again" in caplog.text
+    assert "compiling the generation step" in caplog.text
+    assert package.with_suffix(".sha256").read_text().strip() == step_cache.sha256_of(package)
+
+    # a changed weight is another key: its own package, not the old one
+    with torch.no_grad():
+        dalle.transformer.ff_branches[0].scale.mul_(30.0)
+    changed = codes(False)
+    assert not torch.equal(changed, eager)
+    assert torch.equal(codes(True), changed)
+    assert len(set(entries()) - before) == 2

@@ -110,7 +110,8 @@ def test_same_seed_same_images_and_the_flags_mean_what_generate_images_does(mode
 
 
 @pytest.mark.slow
-def test_compile_gives_the_same_images(model_dir, tmp_path):
+def test_compile_gives_the_same_images(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DALLE_CACHE_DIR", str(tmp_path / "cache"))  # the compiled step is kept there
     options = ("--seed", "5", "--num_images", "2", "--cond-scale", "2")
     assert generate(model_dir, tmp_path / "eager", *options, text="a cat") == 0
     assert generate(model_dir, tmp_path / "compiled", *options, "--compile", text="a cat") == 0

@@ -16,12 +16,13 @@ Compiling takes tens of seconds (30 to 40 s for the benchmark's config A on 2 co
 opt-in. Compiled steps are kept per model and call shape, and dropped when a parameter or saved
 buffer of the model changes through PyTorch (an optimizer step, ``load_state_dict``), since
 their weights are copies; writes through ``.data`` bypass the version counters this reads.
+They are also kept on disk (`dalle_core.step_cache`), keyed by the weights and the call shape,
+so that another process generating from the same model loads the package instead of compiling.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 import weakref
 from collections.abc import Callable
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalle_core import step_cache
 from dalle_core.decode_step import qkv_rotations
 from dalle_core.layers import LayerScale
 from dalle_core.transformer import Attention, LayerCache
@@ -191,6 +193,18 @@ def compiled_step(model: DALLE, cache: list[LayerCache], x: Tensor) -> CompiledS
 
 
 def _compile(model: DALLE, cache: list[LayerCache], x: Tensor, max_len: int) -> CompiledStep:
+    """The step from the disk cache (`dalle_core.step_cache`), else compiled and kept there."""
+    key = step_cache.step_key(
+        model, rows=x.shape[0], max_len=max_len, dtype=x.dtype, threads=torch.get_num_threads()
+    )
+    runner = step_cache.load(key)
+    if runner is None:
+        runner = step_cache.store(key, lambda path: _export_and_compile(model, cache, x, max_len, path))
+    return CompiledStep(runner, max_len, x.device)
+
+
+def _export_and_compile(model: DALLE, cache: list[LayerCache], x: Tensor, max_len: int, path: Path) -> None:
+    """Export `PositionStep` for calls shaped like ``x`` and compile it into the package ``path``."""
     started = time.perf_counter()
     logger.info("compiling the generation step (tens of seconds, once per model and batch shape)")
     step = PositionStep(model, max_len).eval()
@@ -204,10 +218,5 @@ def _compile(model: DALLE, cache: list[LayerCache], x: Tensor, max_len: int) -> 
         # inductor's C++ GEMM kernels (x86 vector units), or ATen's products elsewhere
         gemm = "CPP" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "ATEN"
         options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": gemm}
-        with tempfile.TemporaryDirectory() as folder:
-            package = torch._inductor.aoti_compile_and_package(
-                exported, package_path=str(Path(folder) / "step.pt2"), inductor_configs=options
-            )
-            runner = torch._inductor.aoti_load_package(package)
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=options)
     logger.info("compiled the generation step in %.1f s", time.perf_counter() - started)
-    return CompiledStep(runner, max_len, x.device)

@@ -19,7 +19,7 @@ upstream's ``generate.py`` (``--top_k 0.9`` = ``filter_thres=0.9``: the best 10 
 classifier-free guidance. The same ``--seed``, prompt and ``--batch-size`` give the same
 images: each prompt has its own random generator, seeded from the seed and the prompt.
 ``--compile`` (CPU, fp32) runs the cached step compiled ahead of time: the same images, faster,
-after tens of seconds of compiling per batch size.
+after tens of seconds of compiling per batch size, once: the compiled step is kept on disk.
 """
 
 from __future__ import annotations
