@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -63,8 +62,6 @@ class Job:
     images: list[FinishedImage] = field(default_factory=list)
     progress: float = 0.0  # share of the request's codes sampled, 0 .. 1
     error: str | None = None
-    created: float = field(default_factory=time.monotonic)
-    finished_event: threading.Event = field(default_factory=threading.Event)
 
     @property
     def remaining(self) -> int:
@@ -126,7 +123,6 @@ class JobQueue:
             if job in self.waiting:
                 self.waiting.remove(job)
             job.state, job.images = CANCELLED, []
-            job.finished_event.set()
             self.lock.notify_all()
 
     def next_batch(self, max_batch: int, timeout: float | None = None) -> list[BatchRow]:
@@ -169,7 +165,6 @@ class JobQueue:
                 job.progress = len(job.images) / job.request.num_images
                 if len(job.images) == job.request.num_images:
                     job.state = DONE
-                    job.finished_event.set()
             self.lock.notify_all()
 
     def fail_rows(self, rows: list[BatchRow], message: str) -> None:
@@ -181,7 +176,6 @@ class JobQueue:
                 if job in self.waiting:
                     self.waiting.remove(job)
                 job.state, job.error, job.images = FAILED, message, []
-                job.finished_event.set()
             self.lock.notify_all()
 
     def report_progress(self, rows: list[BatchRow], share: float) -> None:
@@ -200,9 +194,8 @@ class JobQueue:
         """Stop handing out batches; waiting jobs are cancelled."""
         with self.lock:
             self.closed = True
-            for job in list(self.waiting):
+            for job in self.waiting:
                 job.state = CANCELLED
-                job.finished_event.set()
             self.waiting.clear()
             self.lock.notify_all()
 
