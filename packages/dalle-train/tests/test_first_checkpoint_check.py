@@ -179,6 +179,16 @@ def test_a_frozen_vae_is_encoded_before_training_and_a_trained_one_only_when_who
     assert reload_problem(trained, forgetful, whole=False) is None  # sharded: its weights were compared
 
 
+def test_the_check_tells_the_comparison_whether_the_vae_may_run_here(tmp_path):
+    trained = Coder(flip=True, remember_flip=False)
+    forgetful = Coder(flip=False, remember_flip=False)  # same weights, other codes
+    forgetful.load_state_dict(trained.state_dict())
+    check = FirstCheckpointCheck(trained)
+    check(trained, lambda directory: forgetful, tmp_path, whole=False)  # sharded: its weights compared
+    with pytest.raises(TrainError, match="gives other codes"):
+        check(trained, lambda directory: forgetful, tmp_path, whole=True)
+
+
 def test_the_weights_compared_are_named_when_only_lost_or_only_gained():
     one, two = {"a": torch.zeros(2)}, {"a": torch.zeros(2), "b": torch.ones(1)}
     assert weights_problem(two, one) == "the weights ['b'] are missing and none are new after reloading"
@@ -189,6 +199,8 @@ def test_the_weights_compared_are_named_when_only_lost_or_only_gained():
 def test_weights_kept_in_half_precision_are_compared_as_saved():
     saved = {"w": torch.tensor([0.1, 1 / 3], dtype=torch.float16), "n": torch.tensor([3, 4])}
     assert weights_problem(saved, {"w": saved["w"].float(), "n": torch.tensor([3, 4])}) is None
+    # fp32 master weights read back, whose half copies the engine holds: equal once rounded
+    assert weights_problem(saved, {"w": torch.tensor([0.1, 1 / 3]), "n": torch.tensor([3, 4])}) is None
     assert weights_problem(saved, {"w": saved["w"].float() + 1e-2, "n": torch.tensor([3, 4])}) == (
         "the weight w has other values after reloading")
 
