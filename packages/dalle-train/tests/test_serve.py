@@ -129,6 +129,23 @@ def test_concurrent_requests_share_batches_and_nothing_is_mixed(dalle) -> None:
     assert len({image.numpy().tobytes() for image in served}) > len(served) // 2  # images that differ
 
 
+def test_requests_with_the_same_prompt_queue_side_by_side(dalle) -> None:
+    """Jobs are told apart by identity, not by their fields: the same prompt (its token ids a
+    tensor) asked several times at once is queued, located, cancelled and served."""
+    gate = Gate(opened=False)
+    with serving(dalle, gate, max_batch=1) as server:
+        ids = [post(f"{server.url}/api/jobs", {"prompt": "a red circle", "seed": seed})[1]["id"]
+               for seed in (1, 2, 3)]
+        gate.reached.acquire(timeout=30)  # the first runs; the other two wait
+        positions = [json.loads(get(f"{server.url}/api/jobs/{job_id}")[1])["position"] for job_id in ids]
+        assert positions == [0, 0, 1]
+        assert _delete(f"{server.url}/api/jobs/{ids[1]}")[1]["state"] == CANCELLED
+        gate.event.set()
+        for job_id in (ids[0], ids[2]):
+            wait_for(lambda job_id=job_id: server.queue.get(job_id).state == DONE)
+    assert [batch[0] for batch in gate.batches] == [("a red circle", 0), ("a red circle", 0)]
+
+
 @pytest.mark.parametrize(
     "body, field, says",
     [

@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,7 +51,7 @@ class FinishedImage:
     score: float | None
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity (their request holds a tensor)
 class Job:
     """One request on its way through the queue; fields change under the queue's lock."""
 
@@ -123,7 +123,6 @@ class JobQueue:
             if job in self.waiting:
                 self.waiting.remove(job)
             job.state, job.images = CANCELLED, []
-            self.lock.notify_all()
 
     def next_batch(self, max_batch: int, timeout: float | None = None) -> list[BatchRow]:
         """Up to ``max_batch`` images to make: the oldest job's, then those of later jobs with the
@@ -165,29 +164,23 @@ class JobQueue:
                 job.progress = len(job.images) / job.request.num_images
                 if len(job.images) == job.request.num_images:
                     job.state = DONE
-            self.lock.notify_all()
 
     def fail_rows(self, rows: list[BatchRow], message: str) -> None:
         """Every job with an image in ``rows`` fails with ``message`` (its other images too)."""
         with self.lock:
-            for job in {id(row.job): row.job for row in rows}.values():
+            for job in dict.fromkeys(row.job for row in rows):
                 if job.state in FINISHED:
                     continue
                 if job in self.waiting:
                     self.waiting.remove(job)
                 job.state, job.error, job.images = FAILED, message, []
-            self.lock.notify_all()
 
     def report_progress(self, rows: list[BatchRow], share: float) -> None:
         """The batch has sampled ``share`` (0 .. 1) of its codes: each job's progress counts its
         finished images plus that share of its images in the batch."""
         with self.lock:
-            per_job: dict[int, int] = {}
-            for row in rows:
-                per_job[id(row.job)] = per_job.get(id(row.job), 0) + 1
-            for job in {id(row.job): row.job for row in rows}.values():
+            for job, in_batch in Counter(row.job for row in rows).items():
                 if job.state == RUNNING:
-                    in_batch = per_job[id(job)]
                     job.progress = (len(job.images) + share * in_batch) / job.request.num_images
 
     def close(self) -> None:

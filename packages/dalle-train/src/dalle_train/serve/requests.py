@@ -39,7 +39,7 @@ class SamplingSettings:
     cond_scale: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds a tensor: compared by identity
 class GenerationRequest:
     """A checked request: the prompt and its token ids ``[1, text_seq_len]``, how many images,
     the sampling settings and the seed (image ``i`` is drawn from `image_seed` ``(seed, i)``)."""
