@@ -43,16 +43,28 @@ def test_loss_and_gradients_match_the_dense_kernel():
         torch.testing.assert_close(grads[0][key], grads[1][key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_cached_generation_runs_the_decode_kernel_and_matches_the_dense_kernel():
-    codes = {}
+def test_cached_generation_and_the_decode_kernel_match_the_dense_kernel():
+    """Generation (the prompt through the triton kernel, then dalle-core's one-token step, which
+    attends densely under the pattern's mask row) samples the codes of the sdpa model; the
+    transformer run one token at a time at an offset, as a caller stepping it by hand would,
+    runs the decode kernel for every pattern and gives the outputs of the sdpa model."""
+    codes, stepped = {}, {}
+    x = torch.randn(2, 22, 32, generator=torch.Generator().manual_seed(5))
     for name in ("triton", "sdpa"):
         dalle = tiny_dalle(name).eval()
         codes[name] = dalle.generate_image_codes(  # codes 0-11 primed, 12-15 generated
             TEXT, mask=TEXT != 0, img=IMAGES, num_init_img_tokens=12,
             generator=torch.Generator().manual_seed(3),
         )
+        transformer = dalle.transformer
+        with torch.no_grad():
+            cache = transformer.new_cache(2, 22, x)
+            transformer(x[:, :18], cache=cache)
+            stepped[name] = [transformer(x[:, p : p + 1], offset=p, cache=cache) for p in range(18, 22)]
         if name == "triton":
-            chosen = dalle.transformer.kernels._choices
+            chosen = transformer.kernels._choices
             assert {kind for kind, *_, decoding in chosen if decoding} == set(ALL_TYPES)
             assert all(isinstance(kernel, TritonSparseKernel) for kernel in chosen.values())
     assert torch.equal(codes["triton"], codes["sdpa"])
+    for got, expected in zip(stepped["triton"], stepped["sdpa"]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -1,5 +1,6 @@
-"""Compiled generation (``compile=True``): `PositionStep` computes `DecodeStep`'s function with
-the position as a tensor, and its AOTInductor build samples the eager path's codes."""
+"""Compiled generation (``compile=True``): the step generation runs eagerly (`DecoderStep`),
+exported and compiled with AOTInductor on the CPU, or captured as a CUDA graph on a GPU, samples
+the eager path's codes; compiled CPU steps are kept on disk for other processes."""
 
 from __future__ import annotations
 
@@ -11,33 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STEP_OPTIONS, step_case, tiny_dalle
+from conftest import tiny_dalle
 
-from dalle_core import DALLE, step_cache
-from dalle_core import compiled_step as compiled
-from dalle_core.compiled_step import PositionStep, cache_tensors
-from dalle_core.decode_step import DecodeStep
-
-
-@pytest.mark.parametrize("options", STEP_OPTIONS)
-def test_position_step_equals_decode_step_at_every_position(options):
-    dalle, x, keep, start = step_case(options)
-    transformer, seq_len = dalle.transformer, dalle.seq_len
-    with torch.no_grad():
-        cache = transformer.new_cache(2, seq_len, x)
-        transformer(x[:, :start], key_padding_mask=keep, cache=cache)
-        tensors = [cache_tensors(cache), cache_tensors(transformer.new_cache(2, seq_len, x))]
-        for written, copy in zip(tensors[0][0], tensors[1][0]):  # keys and values
-            copy.fill_(float("nan"))  # positions not yet written: masked, never multiplied
-            copy[:, :, :, :start] = written[:, :, :, :start]
-        for written, copy in zip(tensors[0][1], tensors[1][1]):  # token shift's histories
-            copy.copy_(written)
-        step = DecodeStep(transformer, cache, start, keep)
-        position_step = PositionStep(dalle, seq_len).eval()
-        for position in range(start, seq_len):
-            expected = dalle._image_logits(dalle._next_hidden(step, x[:, position], position))
-            got = position_step(x[:, position], torch.tensor([position]), keep, *tensors[1])
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+from dalle_core import DALLE, decoder_step, step_cache
 
 
 @pytest.mark.slow
@@ -53,15 +30,15 @@ def test_compiled_generation_samples_the_eager_codes_and_follows_weight_changes(
 
     before = codes(False)
     assert torch.equal(codes(True), before)
-    first = compiled._COMPILED[dalle][1]
+    first = decoder_step._COMPILED[dalle][1]
     assert torch.equal(codes(True), before)
-    assert compiled._COMPILED[dalle][1] is first and len(first) == 1  # compiled once
+    assert decoder_step._COMPILED[dalle][1] is first and len(first) == 1  # compiled once
     with torch.no_grad():
         dalle.transformer.ff_branches[1].scale.mul_(30.0)  # as an optimizer step would
     after = codes(False)
     assert not torch.equal(after, before)  # the change shows in the codes
     assert torch.equal(codes(True), after)
-    assert compiled._COMPILED[dalle][1] is not first  # recompiled for the new weights
+    assert decoder_step._COMPILED[dalle][1] is not first  # recompiled for the new weights
 
 
 def test_compile_needs_the_cache_and_no_autocast(text):
@@ -118,7 +95,7 @@ def test_compiled_steps_are_kept_on_disk_for_other_processes_and_never_trusted_b
 
     # a truncated package is deleted and compiled again, never loaded
     package.write_bytes(package.read_bytes()[: package.stat().st_size // 2])
-    compiled._COMPILED.pop(dalle)  # forget the step in memory: as a new process would
+    decoder_step._COMPILED.pop(dalle)  # forget the step in memory: as a new process would
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dalle_core"):
         assert torch.equal(codes(True), eager)
@@ -133,3 +110,17 @@ def test_compiled_steps_are_kept_on_disk_for_other_processes_and_never_trusted_b
     assert not torch.equal(changed, eager)
     assert torch.equal(codes(True), changed)
     assert len(set(entries()) - before) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_step_captured_as_a_cuda_graph_samples_the_eager_codes(text):
+    dalle = tiny_dalle(attn_types=("full", "axial_row", "conv_like")).cuda().eval()
+    text = text.cuda()
+
+    def codes(compile: bool, **kwargs) -> torch.Tensor:
+        generator = torch.Generator(device="cuda").manual_seed(4)
+        return dalle.generate_image_codes(text, generator=generator, compile=compile, **kwargs)
+
+    for kwargs in ({}, {"cond_scale": 3.0, "mask": text != 0}):
+        assert torch.equal(codes(True, **kwargs), codes(False, **kwargs)), kwargs

@@ -7,11 +7,10 @@ import torch
 from conftest import ALL_TYPES, STEP_OPTIONS, TEXT_SEQ_LEN, step_case, tiny_dalle
 
 from dalle_core import CLIP, sampling
-from dalle_core.decode_step import DecodeStep, _IntoBuffer, rotation_matrices
+from dalle_core.decoder_step import PACK_ROWS, DecoderStep, Projections, bind, decoder_step
 from dalle_core.plugins import default_tokenizer_name
 from dalle_core.sampling import Sampler, gumbel_noise, keep_count, top_p_filter
 from dalle_core.tokenizers import ByteTokenizer
-from dalle_core.transformer import apply_rotary, rotary_tables
 
 
 def generate(dalle, text, seed, **kwargs):
@@ -32,17 +31,59 @@ def test_cached_equals_uncached_for_every_attention_type(text, attn_type, option
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("options", STEP_OPTIONS)
-def test_decode_step_equals_the_forward_one_token_at_a_time(options):
-    dalle, x, keep, start = step_case(options)
-    transformer, seq_len = dalle.transformer, dalle.seq_len
+def stepped_logits(dalle, x, keep, start, head, pack=False):
+    """The step's logits for ``x [rows, n, dim]`` from position ``start`` on, one token at a
+    time after a prefill of the first ``start`` positions: ``[rows, n - start, vocabulary]``."""
+    transformer = dalle.transformer
     with torch.no_grad():
-        expected = transformer(x, key_padding_mask=keep)  # [2, seq_len, 32]
-        cache = transformer.new_cache(2, seq_len, x)
+        cache = transformer.new_cache(x.shape[0], x.shape[1], x)
         transformer(x[:, :start], key_padding_mask=keep, cache=cache)
-        step = DecodeStep(transformer, cache, start, keep)
-        got = torch.stack([step(x[:, position], position) for position in range(start, seq_len)], dim=1)
-    torch.testing.assert_close(got, expected[:, start:], rtol=0, atol=1e-12)
+        if pack is None:  # as generation picks
+            step = decoder_step(dalle, cache, keep, x[:, 0], head)
+        else:
+            step = bind(DecoderStep(dalle, x.shape[1], head, pack=pack), cache, keep)
+        return torch.stack([step(x[:, position], position) for position in range(start, x.shape[1])], dim=1)
+
+
+def forward_logits(dalle, x, keep, head):
+    """What the step must equal: the heads over the whole forward's hidden states."""
+    with torch.no_grad():
+        hidden = dalle._output_norm(dalle.transformer(x, key_padding_mask=keep))
+        return dalle._image_logits(hidden) if head == "image" else dalle._text_logits(hidden)
+
+
+@pytest.mark.parametrize("options", STEP_OPTIONS)
+def test_the_step_equals_the_forward_one_token_at_a_time(options):
+    dalle, x, keep, start = step_case(options)
+    expected = forward_logits(dalle, x, keep, "image")[:, start:]
+    got = stepped_logits(dalle, x, keep, start, "image", pack=None)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_the_text_step_equals_the_forward_over_text_positions():
+    dalle, x, keep, _ = step_case({})
+    n = dalle.text_len
+    expected = forward_logits(dalle, x[:, :n], keep[:, :n], "text")[:, 2:]
+    got = stepped_logits(dalle, x[:, :n], keep[:, :n], 2, "text")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"upstream_rotary": True, "share_input_output_emb": True}, {"reversible": True}]
+)
+def test_the_packed_float32_step_follows_the_forward_and_ignores_its_batch(options):
+    """float32: the step generation runs (weights packed by oneDNN) within 2e-5 of the forward,
+    alone as in the batch (its products do not change with the rows: the elementwise kernels'
+    vector loops do, in the last bit)."""
+    dalle, x, keep, start = step_case(options)
+    dalle, x = dalle.float(), x.float()
+    assert Projections.packable(x)
+    expected = forward_logits(dalle, x, keep, "image")[:, start:]
+    batched = stepped_logits(dalle, x, keep, start, "image", pack=True)
+    torch.testing.assert_close(batched, expected, rtol=0, atol=2e-5)
+    for row in range(2):
+        alone = stepped_logits(dalle, x[row : row + 1], keep[row : row + 1], start, "image", pack=True)
+        torch.testing.assert_close(alone[0], batched[row], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -69,45 +110,34 @@ def test_prefill_of_the_last_position_equals_the_full_forward(options):
                 )
 
 
-def test_decode_step_under_autocast_follows_the_forward():
+def test_the_step_under_autocast_follows_the_forward():
     dalle = tiny_dalle(attn_types=ALL_TYPES).eval()
-    transformer, seq_len, start = dalle.transformer, dalle.seq_len, dalle.text_len + 3
-    x = torch.randn(2, seq_len, 32)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = transformer(x)
-        cache = transformer.new_cache(2, seq_len, x)
-        transformer(x[:, :start], cache=cache)
-        step = DecodeStep(transformer, cache, start, None)
-        got = torch.stack([step(x[:, position], position) for position in range(start, seq_len)], dim=1)
-    torch.testing.assert_close(got.float(), expected[:, start:].float(), rtol=0.05, atol=0.05)
+    start = dalle.text_len + 3
+    x = torch.randn(2, dalle.seq_len, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not Projections.packable(x)
+        expected = forward_logits(dalle, x, None, "image")[:, start:]
+        got = stepped_logits(dalle, x, None, start, "image", pack=None)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_products_into_a_reused_buffer_equal_linear_and_keep_autocast_precision(bias):
-    linear = torch.nn.Linear(16, 24, bias=bias)
-    h, like = torch.randn(3, 16), torch.empty(3, 5)
+def test_packed_products_equal_linear_and_do_not_depend_on_the_rows(bias):
+    linear = torch.nn.Linear(48, 24, bias=bias)
+    h = torch.randn(PACK_ROWS, 48)
     with torch.no_grad():
-        into = _IntoBuffer(linear, like, autocast=False)
-        assert into(h) is into.out and into.out.shape == (3, 24)
-        torch.testing.assert_close(into.out, linear(h), rtol=1e-6, atol=1e-6)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            expected = linear(h)  # a bfloat16 product
-            got = _IntoBuffer(linear, like, autocast=True)(h)
-    assert got.dtype == torch.float32 and torch.equal(got, expected.float())
+        packed = Projections([linear.weight], pack=True)
+        full = packed(h, linear.weight, linear.bias)
+        torch.testing.assert_close(full, linear(h), rtol=1e-5, atol=1e-5)
+        for rows in (1, 2, 3, 4, 7, 9):
+            assert torch.equal(packed(h[1 : rows + 1], linear.weight, linear.bias), full[1 : rows + 1])
+        plain = Projections([linear.weight], pack=False)
+        assert torch.equal(plain(h, linear.weight, linear.bias), linear(h))
 
 
 def test_cached_equals_uncached_with_shared_layers(text):
     dalle = tiny_dalle(depth=3, shared_attn_ids=(0, 1, 0), shared_ff_ids=(0, 0, 0)).double()
     assert torch.equal(generate(dalle, text, 5), generate(dalle, text, 5, use_cache=False))
-
-
-def test_decode_step_rotation_matrices_equal_apply_rotary():
-    cos, sin, rot = rotary_tables(dim_head=20, text_len=5, fmap_size=3)  # rot 12 of 20 features
-    x = torch.randn(4, 3, cos.shape[0], 20, dtype=torch.float64)
-    expected = apply_rotary(x, cos.double(), sin.double(), rot)  # [4, 3, n, 20]
-    rotation = rotation_matrices(cos.double(), sin.double(), rot)  # [n, 20, 20]
-    got = torch.einsum("bhnd,nde->bhne", x, rotation)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from conftest import NUM_TEXT_TOKENS, TEXT_SEQ_LEN, tiny_dalle
 
-from dalle_core import compiled_step as compiled
-from dalle_core.compiled_step import CompiledStep, PositionStep
-from dalle_core.decode_step import DecodeStep
+from dalle_core import decoder_step
+from dalle_core.decoder_step import DecoderStep
 from dalle_core.sampling import Sampler
 from dalle_core.tokenizers import ByteTokenizer
 
@@ -222,13 +221,13 @@ def passes(monkeypatch):
     """``(watch, take)``: ``watch(dalle)`` counts its full transformer passes, cached one-token
     steps and caches allocated; ``take()`` returns the counts so far and resets them."""
     counts = {"full": 0, "step": 0, "cache": 0}
-    call = DecodeStep.__call__
+    call = DecoderStep.forward
 
-    def counted_step(self, x, position):
+    def counted_step(self, *args):
         counts["step"] += 1
-        return call(self, x, position)
+        return call(self, *args)
 
-    monkeypatch.setattr(DecodeStep, "__call__", counted_step)
+    monkeypatch.setattr(DecoderStep, "forward", counted_step)
 
     def watch(dalle):
         def count_pass(module, args):
@@ -271,15 +270,16 @@ def test_generation_runs_the_prompt_once_then_one_cached_step_per_token(text, pa
 
 @pytest.fixture
 def eager_compile(monkeypatch):
-    """``compile=True`` with the graph it would compile (`PositionStep`) run eagerly: what
-    `generate_image_codes` hands the compiled step is checked in seconds, not minutes."""
+    """``compile=True`` with the graph it would compile (`DecoderStep` without packed weights)
+    run eagerly: what `generate_image_codes` hands the compiled step is checked in seconds, not
+    minutes."""
     built = []
 
-    def build(model, cache, x, max_len):
+    def build(model, cache, x, max_len, head):
         built.append(model)
-        return CompiledStep(PositionStep(model, max_len).eval(), max_len, x.device)
+        return DecoderStep(model, max_len, head)
 
-    monkeypatch.setattr(compiled, "_compile", build)
+    monkeypatch.setattr(decoder_step, "_load_or_compile", build)
     return built
 
 

@@ -194,7 +194,7 @@ def test_a_sequence_in_chunks_through_the_cache_is_the_sequence_at_once(masked: 
         parts = [model(x[:, start:end], offset=start, key_padding_mask=mask, cache=cache)
                  for start, end in zip(bounds, bounds[1:])]
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-12)
-    assert cache[0].attn.kv.shape == (2, 2, 2, SEQ_LEN, 16)
+    assert cache[0].attn.kv.shape == (2, 2, 2, SEQ_LEN, 16)  # keys and values, rows, heads, positions, D
     assert cache[0].attn.shifted_inputs.shape == cache[0].ff.shifted_inputs.shape == (2, SEQ_LEN + 1, 32)
     assert cache[0].ff.kv is None
     assert not cache[0].attn.shifted_inputs[:, SEQ_LEN].any()

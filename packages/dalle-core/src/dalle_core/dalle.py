@@ -3,8 +3,8 @@
 Text padding (id 0) becomes a unique id per position, so the model learns where captions end;
 text positions predict text, image positions predict image codes. Each of the two heads only
 computes its own vocabulary (no logits that would be masked away). Generation runs with a
-preallocated key/value cache, its step eager (`DecodeStep`) or compiled ahead of time
-(``compile=True``, `compiled_step`); classifier-free guidance runs conditional and
+preallocated key/value cache and one step function (`dalle_core.decoder_step`), run eagerly or
+compiled ahead of time (``compile=True``); classifier-free guidance runs conditional and
 unconditional rows as one batch, each row with its own cache.
 """
 
@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_core.compiled_step import compiled_step
-from dalle_core.decode_step import DecodeStep
+from dalle_core.decoder_step import decoder_step
 from dalle_core.interfaces import TOKENIZER_CONFIG, ImageVAE, Tokenizer
 from dalle_core.layers import DivideMax
 from dalle_core.pretrained import PretrainedMixin
@@ -259,21 +258,24 @@ class DALLE(PretrainedMixin, nn.Module):
         """The transformer's output ``[..., dim]`` -> the final hidden states the heads read."""
         return self.final_norm(self.norm_by_max(out))
 
-    def _next_hidden(self, step: DecodeStep, token: Tensor, position: int) -> Tensor:
-        """One cached step: ``token [rows, dim]`` at sequence ``position`` -> ``[rows, dim]``."""
-        return self._output_norm(step(token, position))
+    def head_weights(self, head: str) -> tuple[Tensor, Tensor]:
+        """The ``"text"`` or ``"image"`` head's weight ``[vocabulary, dim]`` and bias
+        ``[vocabulary]`` (the input embedding's weight with ``share_input_output_emb``)."""
+        if head == "text":
+            if self.text_head is None:
+                return self.text_emb.weight, self.text_head_bias
+            return self.text_head.weight, self.text_head.bias
+        if self.image_head is None:
+            return self.image_emb.weight, self.image_head_bias
+        return self.image_head.weight, self.image_head.bias
 
     def _text_logits(self, hidden: Tensor) -> Tensor:
         """``[..., dim]`` -> ``[..., num_text_tokens + text_seq_len]``."""
-        if self.text_head is None:
-            return F.linear(hidden, self.text_emb.weight, self.text_head_bias)
-        return self.text_head(hidden)
+        return F.linear(hidden, *self.head_weights("text"))
 
     def _image_logits(self, hidden: Tensor) -> Tensor:
         """``[..., dim]`` -> ``[..., num_image_tokens]``."""
-        if self.image_head is None:
-            return F.linear(hidden, self.image_emb.weight, self.image_head_bias)
-        return self.image_head(hidden)
+        return F.linear(hidden, *self.head_weights("image"))
 
     # ----------------------------------------------------------------- training
 
@@ -364,8 +366,9 @@ class DALLE(PretrainedMixin, nn.Module):
         The same ``generator`` state gives the same images, cached or not; a sequence of
         generators, one per row, draws each row's codes from its own generator alone (a row's
         image then does not depend on the rows batched with it). ``compile``: run the
-        cached step compiled ahead of time for this model and batch shape (CPU; the first call
-        compiles for tens of seconds, later calls are faster; see `dalle_core.compiled_step`).
+        cached step compiled ahead of time for this model and batch shape (on the CPU the first
+        call compiles for tens of seconds, once per model and shape on this machine, kept on disk;
+        a CUDA graph on a GPU; see `dalle_core.decoder_step`).
         ``progress(done, total)`` is called after each code position sampled (``total`` of
         them); an exception it raises stops generation (e.g. a cancelled request).
         """
@@ -447,7 +450,7 @@ class DALLE(PretrainedMixin, nn.Module):
                 hidden = self._hidden(tokens, key_padding_mask, cache, last_only=True)[:, 0]
                 logits = self._image_logits(hidden)  # [rows, Vi]
                 if use_cache:
-                    next_logits = self._step_logits(cache, hidden, key_padding_mask, n_prime, compile)
+                    next_logits = decoder_step(self, cache, key_padding_mask, hidden, "image", compile)
                     position_emb = None  # per grid position: [dim], added to the new code's embedding
                     if self.image_row_emb is not None:
                         position_emb = self._image_pos_emb(self.image_seq_len).unbind(0)
@@ -516,17 +519,6 @@ class DALLE(PretrainedMixin, nn.Module):
         touched = F.adaptive_max_pool2d((mask != 0).float()[:, None], self.fmap_size)  # [1|B, 1, f, f]
         return (touched.flatten(1) > 0).expand(batch, m)
 
-    def _step_logits(
-        self, cache: list[LayerCache], hidden: Tensor, key_padding_mask: Tensor | None, n_prime: int,
-        compile: bool,
-    ) -> Callable[[Tensor, int], Tensor]:
-        """Cached generation's step after the prompt: ``(token [rows, dim], position) -> image
-        logits [rows, Vi]``, eager (`DecodeStep`) or compiled (`compiled_step`)."""
-        if compile:
-            return compiled_step(self, cache, hidden).bind(cache, key_padding_mask)
-        step = DecodeStep(self.transformer, cache, self.text_len + n_prime, key_padding_mask)
-        return lambda token, position: self._image_logits(self._next_hidden(step, token, position))
-
     def generate_texts(
         self,
         text: Tensor | str | list[str] | None = None,
@@ -587,13 +579,14 @@ class DALLE(PretrainedMixin, nn.Module):
             tokens = self._embed_text(ids)  # [rows, 1 + n, dim]
             cache = self.transformer.new_cache(rows, self.text_len, tokens) if use_cache else None
             hidden = self._hidden(tokens, None, cache, last_only=True)[:, 0]
-            step = DecodeStep(self.transformer, cache, length + 1, None) if use_cache else None
+            logits = self._text_logits(hidden)  # [rows, total_text_tokens]
+            step = decoder_step(self, cache, None, hidden, "text") if use_cache else None
             sampler = Sampler(
                 self.total_text_tokens, rows, self.text_seq_len - length, filter_thres=filter_thres,
                 top_p=top_p, temperature=temperature, generator=generator, device=ids.device,
             )
             for position in range(length, self.text_seq_len):
-                sample = sampler(self._text_logits(hidden).float())  # [rows]
+                sample = sampler(logits.float())  # [rows]
                 ids = torch.cat((ids, sample[:, None]), dim=1)
                 if position == self.text_seq_len - 1:
                     break
@@ -601,10 +594,10 @@ class DALLE(PretrainedMixin, nn.Module):
                 if self.text_pos_emb is not None:
                     new = new + self.text_pos_emb.weight[position + 1]
                 if step is not None:
-                    hidden = self._next_hidden(step, new, position + 1)
+                    logits = step(new, position + 1)
                 else:
                     tokens = torch.cat((tokens, new[:, None]), dim=1)
-                    hidden = self._hidden(tokens, None, last_only=True)[:, 0]
+                    logits = self._text_logits(self._hidden(tokens, None, last_only=True)[:, 0])
         finally:
             self.train(was_training)
         is_text = (ids > 0) & (ids < self.num_text_tokens)  # padding ids and <bos> -> 0

@@ -31,11 +31,10 @@ from dalle_core.pretrained import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 FOLDER = "compiled-steps"
-FORMAT = 1  # bumped when what an entry holds changes
+FORMAT = 2  # bumped when what an entry holds changes
 #: the modules whose code the compiled step is made of
 STEP_MODULES = (
-    "dalle_core.compiled_step",
-    "dalle_core.decode_step",
+    "dalle_core.decoder_step",
     "dalle_core.transformer",
     "dalle_core.layers",
     "dalle_core.attention.patterns",
@@ -48,15 +47,17 @@ def cache_folder() -> Path:
     return default_cache_dir() / FOLDER
 
 
-def step_key(model: nn.Module, *, rows: int, max_len: int, dtype: torch.dtype, threads: int) -> str:
-    """Hex SHA-256 naming the compiled step of ``model`` for one call shape."""
+def step_key(
+    model: nn.Module, *, rows: int, max_len: int, dtype: torch.dtype, threads: int, head: str = "image"
+) -> str:
+    """Hex SHA-256 naming the compiled step of ``model`` for one call shape and ``head``."""
     digest = hashlib.sha256()
     record = {
         "format": FORMAT,
         "torch": torch.__version__,
         "cpu": torch.backends.cpu.get_cpu_capability(),
         "config": getattr(model, "config", None),
-        "call": [rows, max_len, str(dtype), threads],
+        "call": [rows, max_len, str(dtype), threads, head],
     }
     digest.update(json.dumps(record, sort_keys=True, default=str).encode())
     for name in STEP_MODULES:

@@ -36,8 +36,9 @@ class ForwardContext:
 
 @dataclass
 class BranchCache:
-    """Per-branch cache: keys and values ``kv [B, 2, H, N, D]`` (attention; one tensor, so that
-    a generation step stores a position's key and value with one copy) and normed inputs
+    """Per-branch cache: keys and values ``kv [2, B, H, N, D]`` (attention; one tensor, so that
+    a generation step stores a position's key and value with one copy, and keys first so that
+    each of the two is contiguous for the step's matrix products) and normed inputs
     ``[B, N + 1, dim]`` (token shift; the last row stays zero); either ``None`` when the branch
     does not need it."""
 
@@ -47,12 +48,12 @@ class BranchCache:
     @property
     def k(self) -> Tensor:
         """Keys ``[B, H, N, D]`` (a view)."""
-        return self.kv[:, 0]
+        return self.kv[0]
 
     @property
     def v(self) -> Tensor:
         """Values ``[B, H, N, D]`` (a view)."""
-        return self.kv[:, 1]
+        return self.kv[1]
 
 
 @dataclass
@@ -413,10 +414,12 @@ class Transformer(nn.Module):
             self.rotary_cos = self.rotary_sin = None
 
     def new_cache(self, batch: int, max_len: int, like: Tensor) -> list[LayerCache]:
-        """Preallocate a cache for ``batch`` rows of up to ``max_len`` positions (token shift's
-        history has one more row, of zeros, for `TokenShift.gather_index`)."""
+        """Preallocate a cache for ``batch`` rows of up to ``max_len`` positions: keys and values
+        start at zero (a generation step attends over the whole cache, where those not yet
+        written weigh nothing; garbage there could be NaN, and 0 * NaN is NaN), and token shift's
+        history has one more row, of zeros, for `TokenShift.gather_index`."""
         def branch(attention: bool) -> BranchCache:
-            kv = like.new_empty(batch, 2, self.heads, max_len, self.dim_head) if attention else None
+            kv = like.new_zeros(2, batch, self.heads, max_len, self.dim_head) if attention else None
             history = None
             if self.shift is not None:
                 history = like.new_empty(batch, max_len + 1, self.dim)
