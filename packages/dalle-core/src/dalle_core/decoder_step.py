@@ -172,7 +172,7 @@ class DecoderStep(nn.Module):
         """``residual + scale * norm_out(fn(shift(norm(x))))`` for ``x [rows, dim]``."""
         prenorm = branch.fn
         fn = prenorm.fn.fn  # Attention or FeedForward
-        h = prenorm.norm(x)
+        h = _layer_norm(prenorm.norm, x)
         if history is not None:  # history [rows, max_len + 1, dim]
             history.index_copy_(1, position, h[:, None])
             h = history.view(h.shape[0], -1).index_select(1, shift)
@@ -181,7 +181,9 @@ class DecoderStep(nn.Module):
         else:  # the GEGLU feed-forward
             values, gates = self.linear(h, fn.proj_in.weight, fn.proj_in.bias).chunk(2, dim=-1)
             h = self.linear(F.gelu(gates) * values, fn.proj_out.weight, fn.proj_out.bias)
-        return torch.addcmul(residual, prenorm.norm_out(h), branch.scale)
+        if prenorm.sandwich:
+            h = _layer_norm(prenorm.norm_out, h)
+        return torch.addcmul(residual, h, branch.scale)
 
     def _attend(
         self, fn: Attention, h: Tensor, kv: Tensor, position: Tensor, rotation: tuple[Tensor, Tensor] | None,
@@ -198,6 +200,11 @@ class DecoderStep(nn.Module):
         out = torch.matmul(weights, kv[1])  # [rows, H, 1, D]
         to_out = fn.to_out[0]
         return self.linear(out.view(rows, -1), to_out.weight, to_out.bias)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """``norm(x)`` without a module call."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def cache_tensors(cache: list[LayerCache]) -> tuple[list[Tensor], list[Tensor]]:

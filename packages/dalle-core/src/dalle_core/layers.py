@@ -79,6 +79,7 @@ class PreNorm(nn.Module):
     def __init__(self, dim: int, fn: nn.Module, sandwich: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
+        self.sandwich = sandwich
         self.norm_out = nn.LayerNorm(dim) if sandwich else nn.Identity()
         self.fn = fn
 
