@@ -292,16 +292,21 @@ def bench_training(case: str, warmup: int, reps: int, log) -> dict:
 
 def step_matmuls(model: DALLE, rows: int):
     """A function running only the matrix products of every cached generation step of one call
-    (each layer's four projections and the image head, on ``[rows, in_features]``): the weights
-    streamed from memory once per step, a floor under the cached step's time."""
+    (each layer's four projections and the image head, on ``[rows, in_features]``, through the
+    weights the eager step packs, `Projections`): the weights streamed from memory once per
+    step, a floor under the cached step's time."""
+    from dalle_core.decoder_step import Projections
+
     linears = [m for m in model.transformer.modules() if isinstance(m, torch.nn.Linear)]
     linears.append(model.image_head)
     inputs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
+    pack = Projections.packable(inputs[linears[0].in_features])
+    products = Projections([m.weight for m in linears], pack=pack)
 
     def run() -> None:
         for _ in range(model.image_seq_len - 1):
             for linear in linears:
-                torch.nn.functional.linear(inputs[linear.in_features], linear.weight, linear.bias)
+                products(inputs[linear.in_features], linear.weight, linear.bias)
 
     return run
 
@@ -543,7 +548,7 @@ def render_readme(results: dict) -> str:
         "End to end as `generate_images` (sampling the codes, then decoding them with the VAE). "
         "The reference is the same model with `use_cache=False`; all three sample the same codes from "
         "the same generator state (checked). `compile=True` runs the cached step compiled ahead of "
-        f"time (`dalle_core.compiled_step`); compiling took {g['ours_compiled']['compile_s']:.0f} s, "
+        f"time (`dalle_core.decoder_step`); compiling took {g['ours_compiled']['compile_s']:.0f} s, "
         "once, before the timed calls.",
         "",
         "| | image codes/s | ms per call: median (range) | vs reference | vs upstream default "
@@ -569,13 +574,14 @@ def render_readme(results: dict) -> str:
         f"decoding them {g['ours_cached']['decode_s'] * 1000:.0f} ms; "
         f"FLOP utilisation {g['ours_cached']['flop_utilisation']:.1%}.",
         "",
-        "The eager step's matrix products alone (every layer's projections and the image head as "
-        "`F.linear` runs them, each step reading all the weights, about 17 MB for config A, from memory: "
+        "The eager step's matrix products alone (every layer's projections and the image head through "
+        "the weights the step packs with oneDNN, each step reading all the weights, about 17 MB for "
+        "config A, from memory: "
         f"they do not stay in the 2 MB L2 caches) take {g['ours_cached']['step_matmuls_s'] * 1000:.0f} ms "
         "a call, "
         f"{g['ours_cached']['step_matmuls_s'] * 1e6 / (g['codes_per_call'] / g['images'] - 1):.0f} us "
         "per step, measured in turns with the calls. Everything else of a step (attention, norms, "
-        "token shift, cache writes: `dalle_core.decode_step`; sampling: `dalle_core.sampling`), the "
+        "token shift, cache writes: `dalle_core.decoder_step`; sampling: `dalle_core.sampling`), the "
         "prompt's forward pass and the VAE decode come on top; 2,000 codes/s leaves 128 ms for the "
         "whole call. The compiled step runs the products as C++ GEMM kernels over weights packed once "
         "for few rows, and fuses the operators between them into a few kernels a layer.",

@@ -11,6 +11,10 @@ upstream: ``use_cache=False``), timed in turns (`bench_core.time_alternately`, c
 retaken). Also timed: ours with ``compile=True`` (compiled first into an empty cache folder, the
 compile time reported) and upstream with ``use_cache=True``. Writes ``generation.md`` and
 ``generation.json`` here.
+
+``--only-default`` times our default alone (no upstream, no compile; nothing written): run it
+with ``PYTHONPATH`` on another checkout's ``packages/dalle-core/src`` to compare two versions of
+dalle-core on the same machine.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import time
 import bench_core
 import torch
 from bench_core import CONFIGS, GEN_IMAGES, HERE, build, machine_info, time_alternately
-from upstream_files import import_upstream
+
+import dalle_core
 
 #: the issue's bar: our default against upstream's default, config A
 TARGET_A = 20.0
@@ -44,6 +49,16 @@ def build_upstream(upstream, config: str, seed: int = 0):
         dim=256, vae=vae, num_text_tokens=1000, text_seq_len=64, depth=4, heads=8, dim_head=32,
         attn_types=spec["attn_types"],
     ).eval()
+
+
+def only_default(config: str, reps: int) -> None:
+    """Print our default's codes/s for ``config`` (median of ``reps`` calls after a warm-up)."""
+    ours = build(config).eval()
+    text = torch.randint(1, 1000, (GEN_IMAGES, 64), generator=torch.Generator().manual_seed(2))
+    times = time_alternately({"ours_default": lambda: ours.generate_images(text)}, 1, {"ours_default": reps})
+    median = statistics.median(times["ours_default"])
+    print(f"{config}: ours default {GEN_IMAGES * ours.image_seq_len / median:,.0f} codes/s "
+          f"({median * 1000:,.0f} ms per call, median of {reps}; dalle_core from {dalle_core.__file__})")
 
 
 def bench_config(upstream, config: str, reps: int, log) -> dict:
@@ -127,8 +142,16 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=["A", "B"], choices=list(CONFIGS))
     parser.add_argument("--reps", type=int, default=3, help="timed calls of each (default 3)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no files")
+    parser.add_argument("--only-default", action="store_true",
+                        help="time our default alone (see above); writes nothing")
     args = parser.parse_args()
     bench_core.setup_torch()
+    if args.only_default:
+        for config in args.configs:
+            only_default(config, args.reps)
+        return
+    from upstream_files import import_upstream
+
     upstream = import_upstream()
     if upstream is None:
         sys.exit("dalle_pytorch is not installed: run in dalle-train's test environment (see above)")

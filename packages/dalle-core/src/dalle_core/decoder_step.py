@@ -57,7 +57,7 @@ class Projections:
     For a few rows a product reads the whole weight for little arithmetic; oneDNN's packed
     layout reads it faster (config A's 17 products of a step: 690 us against 1,220 us for 4 rows
     on the benchmark's 2 cores). Packed for ``PACK_ROWS`` rows whatever the rows of the call,
-    the kernels do not change with the batch, so a row gets the same bits alone or batched.
+    the kernels do not change with the batch: a row's product has the same bits alone or batched.
     """
 
     def __init__(self, weights: list[Tensor], pack: bool):
@@ -122,17 +122,19 @@ class DecoderStep(nn.Module):
                 bias = torch.zeros(max_len, max_len, dtype=like.dtype, device=like.device)
                 self.register_buffer(f"mask_{pattern.kind}", bias.masked_fill_(~allowed, float("-inf")))
                 self.kinds.append(pattern.kind)
+        self.layers = [  # per layer: its attention and feed-forward branches, unpacked once
+            (_Branch(attn, 2 * index), _Branch(ff, 2 * index + 1))
+            for index, (attn, ff) in enumerate(zip(transformer.attn_branches, transformer.ff_branches))
+        ]
+        self.reversible = transformer.reversible is not None
         weights = [model.head_weights(head)[0]]
-        for attn, ff in zip(transformer.attn_branches, transformer.ff_branches):
-            attention, feed_forward = attn.fn.fn.fn, ff.fn.fn.fn
-            weights += [attention.to_qkv.weight, attention.to_out[0].weight]
-            weights += [feed_forward.proj_in.weight, feed_forward.proj_out.weight]
+        for attn, ff in self.layers:
+            weights += [attn.project_in[0], attn.project_out[0], ff.project_in[0], ff.project_out[0]]
         self.linear = Projections(weights, pack)
 
     def forward(
         self, x: Tensor, position: Tensor, key_padding_mask: Tensor, kv: list[Tensor], history: list[Tensor]
     ) -> Tensor:
-        transformer = self.model.transformer
         shift = self.shift_index.index_select(0, position).view(-1) if history else None  # [dim]
         rotation = None
         if self.rotary:  # cos, sin [3, 1, D]
@@ -146,65 +148,82 @@ class DecoderStep(nn.Module):
             kind: (getattr(self, f"mask_{kind}").index_select(0, position) + padding)[:, None, None]
             for kind in self.kinds
         }
-        context = (position, shift, rotation, scores_bias)
-        branches = []
-        for index, (attn, ff) in enumerate(zip(transformer.attn_branches, transformer.ff_branches)):
-            attn_history = history[2 * index] if history else None
-            ff_history = history[2 * index + 1] if history else None
-            branches.append(((attn, attn_history, kv[index]), (ff, ff_history, None)))
-        if transformer.reversible is not None:  # y1 = x1 + f(x2), y2 = x2 + g(y1), output (y1 + y2) / 2
+        context = (position, history, shift, rotation, scores_bias)
+        if self.reversible:  # y1 = x1 + f(x2), y2 = x2 + g(y1), output (y1 + y2) / 2
             y1 = y2 = x
-            for attn_args, ff_args in branches:
-                y1 = self._branch(*attn_args, y2, y1, *context)
-                y2 = self._branch(*ff_args, y1, y2, *context)
+            for (attn, ff), layer_kv in zip(self.layers, kv):
+                y1 = self._branch(attn, layer_kv, y2, y1, *context)
+                y2 = self._branch(ff, None, y1, y2, *context)
             x = (y1 + y2) / 2
         else:
-            for attn_args, ff_args in branches:
-                x = self._branch(*attn_args, x, x, *context)
-                x = self._branch(*ff_args, x, x, *context)
+            for (attn, ff), layer_kv in zip(self.layers, kv):
+                x = self._branch(attn, layer_kv, x, x, *context)
+                x = self._branch(ff, None, x, x, *context)
         return self.linear(self.model._output_norm(x), *self.model.head_weights(self.head))
 
     def _branch(
-        self, branch: LayerScale, history: Tensor | None, kv: Tensor | None, x: Tensor, residual: Tensor,
-        position: Tensor, shift: Tensor | None, rotation: tuple[Tensor, Tensor] | None,
+        self, branch: _Branch, kv: Tensor | None, x: Tensor, residual: Tensor, position: Tensor,
+        history: list[Tensor], shift: Tensor | None, rotation: tuple[Tensor, Tensor] | None,
         scores_bias: dict[str, Tensor],
     ) -> Tensor:
         """``residual + scale * norm_out(fn(shift(norm(x))))`` for ``x [rows, dim]``."""
-        prenorm = branch.fn
-        fn = prenorm.fn.fn  # Attention or FeedForward
-        h = _layer_norm(prenorm.norm, x)
-        if history is not None:  # history [rows, max_len + 1, dim]
-            history.index_copy_(1, position, h[:, None])
-            h = history.view(h.shape[0], -1).index_select(1, shift)
-        if isinstance(fn, Attention):
-            h = self._attend(fn, h, kv, position, rotation, scores_bias[fn.pattern.kind])
+        h = F.layer_norm(x, *branch.norm)
+        if history:  # this branch's history [rows, max_len + 1, dim]
+            branch_history = history[branch.history]
+            branch_history.index_copy_(1, position, h[:, None])
+            h = branch_history.view(h.shape[0], -1).index_select(1, shift)
+        if branch.kind is not None:
+            h = self._attend(branch, h, kv, position, rotation, scores_bias[branch.kind])
         else:  # the GEGLU feed-forward
-            values, gates = self.linear(h, fn.proj_in.weight, fn.proj_in.bias).chunk(2, dim=-1)
-            h = self.linear(F.gelu(gates) * values, fn.proj_out.weight, fn.proj_out.bias)
-        if prenorm.sandwich:
-            h = _layer_norm(prenorm.norm_out, h)
+            values, gates = self.linear(h, *branch.project_in).chunk(2, dim=-1)
+            h = self.linear(F.gelu(gates) * values, *branch.project_out)
+        if branch.norm_out is not None:
+            h = F.layer_norm(h, *branch.norm_out)
         return torch.addcmul(residual, h, branch.scale)
 
     def _attend(
-        self, fn: Attention, h: Tensor, kv: Tensor, position: Tensor, rotation: tuple[Tensor, Tensor] | None,
-        scores_bias: Tensor,
+        self, branch: _Branch, h: Tensor, kv: Tensor, position: Tensor,
+        rotation: tuple[Tensor, Tensor] | None, scores_bias: Tensor,
     ) -> Tensor:
         rows = h.shape[0]
-        qkv = self.linear(h, fn.to_qkv.weight, None).view(rows, 3, fn.heads, fn.dim_head)
+        qkv = self.linear(h, *branch.project_in).view(rows, 3, branch.heads, -1)  # [rows, 3, H, D]
         if rotation is not None:  # `apply_rotary` of queries and keys (values with upstream_rotary)
             cos, sin = rotation
             qkv = torch.addcmul(qkv * cos, qkv.index_select(-1, self.rotary_swap), sin)
         kv.index_copy_(3, position, qkv[:, 1:, :, None].transpose(0, 1))  # kv [2, rows, H, max_len, D]
         scores = torch.matmul(qkv[:, 0, :, None], kv[0].transpose(2, 3))  # [rows, H, 1, max_len]
-        weights = torch.add(scores_bias, scores, alpha=fn.dim_head**-0.5).softmax(dim=-1)
+        weights = torch.add(scores_bias, scores, alpha=branch.scores_scale).softmax(dim=-1)
         out = torch.matmul(weights, kv[1])  # [rows, H, 1, D]
-        to_out = fn.to_out[0]
-        return self.linear(out.view(rows, -1), to_out.weight, to_out.bias)
+        return self.linear(out.view(rows, -1), *branch.project_out)
 
 
-def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
-    """``norm(x)`` without a module call."""
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+class _Branch:
+    """One residual branch, LayerScale(PreNorm(Shifted(attention or feed-forward))), as the
+    step reads it: ``F.layer_norm``'s arguments, the LayerScale factor, the two products'
+    (weight, bias), and for attention its pattern, heads and score scale. Unpacked once per step
+    object, so that a step reads plain attributes instead of module lookups; the tensors are the
+    module's own (no copies)."""
+
+    def __init__(self, branch: LayerScale, history: int):
+        prenorm = branch.fn
+        fn = prenorm.fn.fn  # Attention or FeedForward
+        self.history = history  # its index among token shift's histories (see `cache_tensors`)
+        self.norm = _layer_norm_args(prenorm.norm)
+        self.norm_out = _layer_norm_args(prenorm.norm_out) if prenorm.sandwich else None
+        self.scale = branch.scale  # [dim]
+        self.kind = None
+        if isinstance(fn, Attention):
+            self.kind, self.heads, self.scores_scale = fn.pattern.kind, fn.heads, fn.dim_head**-0.5
+            self.project_in = (fn.to_qkv.weight, None)
+            self.project_out = (fn.to_out[0].weight, fn.to_out[0].bias)
+        else:
+            self.project_in = (fn.proj_in.weight, fn.proj_in.bias)
+            self.project_out = (fn.proj_out.weight, fn.proj_out.bias)
+
+
+def _layer_norm_args(norm: nn.LayerNorm) -> tuple:
+    """``F.layer_norm``'s arguments after the input, for ``norm``."""
+    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
 
 
 def cache_tensors(cache: list[LayerCache]) -> tuple[list[Tensor], list[Tensor]]:
