@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,29 @@ def test_the_step_captured_as_a_cuda_graph_samples_the_eager_codes(text):
 
     for kwargs in ({}, {"cond_scale": 3.0, "mask": text != 0}):
         assert torch.equal(codes(True, **kwargs), codes(False, **kwargs)), kwargs
+
+
+def test_the_disk_cache_evicts_the_least_recently_used_entries_beyond_its_bound(monkeypatch, tmp_path):
+    monkeypatch.setenv("DALLE_CACHE_DIR", str(tmp_path))
+    folder = step_cache.cache_folder()
+    folder.mkdir(parents=True)
+    for age, name in enumerate(("old", "used", "new")):  # 1 MiB packages, "old" least recently used
+        package = folder / f"{name}.pt2"
+        package.write_bytes(b"\0" * 2**20)
+        package.with_suffix(".sha256").write_text("digest\n")
+        os.utime(package, (1000 + age, 1000 + age))
+    os.utime(folder / "old.pt2", (900, 900))
+    os.utime(folder / "used.pt2", (5000, 5000))  # as a load marks it
+
+    monkeypatch.setenv("DALLE_COMPILED_STEPS_MAX_MB", "2.5")
+    step_cache.evict(keep=folder / "new.pt2")
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == ["new.pt2", "new.sha256", "used.pt2", "used.sha256"]
+    monkeypatch.setenv("DALLE_COMPILED_STEPS_MAX_MB", "0")
+    step_cache.evict(keep=folder / "new.pt2")  # the entry just stored stays, whatever the bound
+    assert sorted(path.name for path in folder.iterdir()) == ["new.pt2", "new.sha256"]
+    monkeypatch.setenv("DALLE_COMPILED_STEPS_MAX_MB", "lots")
+    with pytest.raises(ValueError, match="^DALLE_COMPILED_STEPS_MAX_MB must be a number of megabytes >= 0"):
+        step_cache.evict(keep=folder / "new.pt2")
+    monkeypatch.delenv("DALLE_COMPILED_STEPS_MAX_MB")
+    assert step_cache.max_bytes() == step_cache.DEFAULT_MAX_MB * 2**20

@@ -12,9 +12,9 @@ values not yet written weigh exactly zero.
 The same module runs two ways (`decoder_step`):
 
 - eagerly, the default: its matrix products read weights that oneDNN packed once per call for
-  few rows (`Projections`), about 1.8x faster than ``F.linear`` for the 4 rows of a typical
-  call on the benchmark's CPU, and the same for every row count (packed for ``PACK_ROWS`` rows,
-  a row's result does not depend on the rows beside it);
+  few rows (`Projections`), faster than ``F.linear`` for the few rows of a call, and each
+  branch's weights and settings are unpacked from the modules once per call (`_Branch`), so that
+  a step makes no module calls or lookups;
 - compiled (``compile=True``): exported (``torch.export``) and compiled with AOTInductor on the
   CPU, with the model's weights frozen into C++ GEMM kernels packed for few rows and the
   operators between them fused, or captured as a CUDA graph on a GPU. A CPU compile takes tens

@@ -8,6 +8,10 @@ configuration and weights (its VAE left out: the step ends at the image logits),
 shape (rows, sequence length, dtype, torch threads). A changed weight is a new key. A package
 whose digest does not match (truncated, half-written, edited) or that fails to load is deleted
 and compiled again, never used.
+
+The folder is bounded: after a store, the entries least recently used (a load touches its
+package) are deleted until the folder holds at most ``$DALLE_COMPILED_STEPS_MAX_MB`` megabytes
+(default `DEFAULT_MAX_MB`); the entry just stored is always kept.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from dalle_core.pretrained import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 FOLDER = "compiled-steps"
+MAX_MB_ENV = "DALLE_COMPILED_STEPS_MAX_MB"
+DEFAULT_MAX_MB = 2048  # about 200 packages of the demo's DALLE (9.3 MB each)
 FORMAT = 2  # bumped when what an entry holds changes
 #: the modules whose code the compiled step is made of
 STEP_MODULES = (
@@ -85,6 +91,7 @@ def load(key: str) -> Any | None:
         try:
             runner = torch._inductor.aoti_load_package(str(package))
             logger.info("loaded the compiled generation step from %s", package)
+            os.utime(package)  # recently used: evicted last
             return runner
         except Exception as error:  # a package of another build that slipped through
             problem = f"it does not load ({type(error).__name__}: {error})"
@@ -105,7 +112,40 @@ def store(key: str, build: Callable[[Path], None]) -> Any:
         checksum = sha256_of(built)
         os.replace(built, package)
     atomic_write_bytes(digest, (checksum + "\n").encode())  # last: the entry is whole
+    evict(keep=package)
     return torch._inductor.aoti_load_package(str(package))
+
+
+def max_bytes() -> int:
+    """The folder's bound: ``$DALLE_COMPILED_STEPS_MAX_MB`` megabytes, else `DEFAULT_MAX_MB`."""
+    value = os.environ.get(MAX_MB_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_MB * 2**20
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = -1.0
+    if megabytes < 0:
+        raise ValueError(f"{MAX_MB_ENV} must be a number of megabytes >= 0, got {value!r}")
+    return int(megabytes * 2**20)
+
+
+def evict(keep: Path) -> None:
+    """Delete the least recently used entries (by their package's modification time) until the
+    folder holds at most `max_bytes`; ``keep`` (a package) stays whatever its size."""
+    limit = max_bytes()
+    packages = sorted(cache_folder().glob("*.pt2"), key=lambda path: path.stat().st_mtime)
+    sizes = {path: path.stat().st_size for path in packages}
+    total = sum(sizes.values())
+    for package in packages:
+        if total <= limit:
+            break
+        if package == keep:
+            continue
+        package.with_suffix(".sha256").unlink(missing_ok=True)  # first: no whole entry remains
+        package.unlink(missing_ok=True)
+        total -= sizes[package]
+        logger.info("deleted the compiled step %s, the least recently used (%s)", package, MAX_MB_ENV)
 
 
 def _paths(key: str) -> tuple[Path, Path]:
