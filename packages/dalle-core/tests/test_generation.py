@@ -121,6 +121,41 @@ def test_the_step_under_autocast_follows_the_forward():
     torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
 
 
+def test_a_bfloat16_model_steps_with_packed_bfloat16_weights():
+    dalle, x, keep, start = step_case({"attn_types": ("full", "axial_row")})
+    dalle, x = dalle.to(torch.bfloat16), x.to(torch.bfloat16)
+    expected = forward_logits(dalle, x, keep, "image")[:, start:]
+    got = stepped_logits(dalle, x, keep, start, "image", pack=None)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.1)
+
+
+def test_generation_packs_the_weights_on_the_cpu_in_float32_only(text, monkeypatch):
+    packs = []
+    init = Projections.__init__
+
+    def recording(self, weights, pack):
+        packs.append(pack)
+        init(self, weights, pack)
+
+    monkeypatch.setattr(Projections, "__init__", recording)
+    dalle = tiny_dalle()
+    generate(dalle, text, 1)
+    dalle.generate_texts(text[:1, :2])
+    generate(dalle.double(), text, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(dalle.float(), text, 1)
+    assert packs == [True, True, False, False]
+
+
+def test_heads_are_named_text_or_image():
+    dalle = tiny_dalle()
+    assert dalle.head_weights("image")[0] is dalle.image_head.weight
+    assert dalle.head_weights("text")[1] is dalle.text_head.bias
+    with pytest.raises(ValueError, match="^head must be 'text' or 'image', got 'codes'$"):
+        dalle.head_weights("codes")
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_products_equal_linear_and_do_not_depend_on_the_rows(bias):
     linear = torch.nn.Linear(48, 24, bias=bias)

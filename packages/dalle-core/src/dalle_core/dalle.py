@@ -265,6 +265,8 @@ class DALLE(PretrainedMixin, nn.Module):
             if self.text_head is None:
                 return self.text_emb.weight, self.text_head_bias
             return self.text_head.weight, self.text_head.bias
+        if head != "image":
+            raise ValueError(f"head must be 'text' or 'image', got {head!r}")
         if self.image_head is None:
             return self.image_emb.weight, self.image_head_bias
         return self.image_head.weight, self.image_head.bias

@@ -273,7 +273,7 @@ def decoder_step(
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_runner(model: DALLE, cache: list[LayerCache], x: Tensor, head: str = "image") -> Runner:
+def compiled_runner(model: DALLE, cache: list[LayerCache], x: Tensor, head: str) -> Runner:
     """The compiled step of ``model`` for calls shaped like ``x [rows, dim]`` over ``cache``:
     AOTInductor on the CPU (kept on disk, `dalle_core.step_cache`), a CUDA graph on a GPU
     (`_cuda_graph_runner`); made on first use, again after the model's weights change."""
