@@ -170,6 +170,16 @@ def test_packed_products_equal_linear_and_do_not_depend_on_the_rows(bias):
         assert torch.equal(plain(h, linear.weight, linear.bias), linear(h))
 
 
+def test_weights_beyond_the_packing_bound_are_not_packed(monkeypatch):
+    from dalle_core import decoder_step as step_module
+
+    weights = [torch.randn(8, 16), torch.randn(8, 16)]  # 512 bytes each
+    monkeypatch.setattr(step_module, "PACK_MAX_BYTES", 1024)
+    assert len(Projections([*weights, weights[0]], pack=True).packed) == 2  # a shared weight counts once
+    monkeypatch.setattr(step_module, "PACK_MAX_BYTES", 1023)
+    assert not Projections(weights, pack=True).packed
+
+
 def test_cached_equals_uncached_with_shared_layers(text):
     dalle = tiny_dalle(depth=3, shared_attn_ids=(0, 1, 0), shared_ff_ids=(0, 0, 0)).double()
     assert torch.equal(generate(dalle, text, 5), generate(dalle, text, 5, use_cache=False))

@@ -48,11 +48,15 @@ logger = logging.getLogger(__name__)
 
 #: the rows oneDNN packs the eager step's weights for (see `Projections`)
 PACK_ROWS = 16
+#: the most weight bytes a call packs: the packed copy lives as long as the call, so a bigger
+#: model generates through ``F.linear`` instead of doubling its weights' memory
+PACK_MAX_BYTES = 2**30
 
 
 class Projections:
     """``(h [rows, in], weight [out, in], bias [out] | None) -> h @ weight.T + bias``, as
-    ``F.linear``, or from ``weight`` packed by oneDNN when ``pack`` (CPU, float32 or bfloat16).
+    ``F.linear``, or from ``weight`` packed by oneDNN when ``pack`` (CPU, float32 or bfloat16)
+    and the weights take at most ``PACK_MAX_BYTES``.
 
     For a few rows a product reads the whole weight for little arithmetic; oneDNN's packed
     layout reads it faster (config A's 17 products of a step: 690 us against 1,220 us for 4 rows
@@ -62,7 +66,8 @@ class Projections:
 
     def __init__(self, weights: list[Tensor], pack: bool):
         self.packed: dict[Tensor, Tensor] = {}
-        if pack:
+        distinct = {id(weight): weight for weight in weights}.values()
+        if pack and sum(weight.numel() * weight.element_size() for weight in distinct) <= PACK_MAX_BYTES:
             for weight in weights:
                 if weight not in self.packed:
                     self.packed[weight] = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
