@@ -130,7 +130,7 @@ def test_a_bfloat16_model_steps_with_packed_bfloat16_weights():
     torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.1)
 
 
-def test_generation_packs_the_weights_on_the_cpu_in_float32_only(text, monkeypatch):
+def test_generation_packs_float32_weights_on_the_cpu_not_float64_nor_under_autocast(text, monkeypatch):
     packs = []
     init = Projections.__init__
 

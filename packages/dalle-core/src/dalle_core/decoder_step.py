@@ -59,18 +59,19 @@ class Projections:
     and the weights take at most ``PACK_MAX_BYTES``.
 
     For a few rows a product reads the whole weight for little arithmetic; oneDNN's packed
-    layout reads it faster (config A's 17 products of a step: 690 us against 1,220 us for 4 rows
-    on the benchmark's 2 cores). Packed for ``PACK_ROWS`` rows whatever the rows of the call,
-    the kernels do not change with the batch: a row's product has the same bits alone or batched.
+    layout reads it faster (config A's product shapes, 5 of them 4 times over, for 4 rows in a
+    loop: about 690 us against 1,220 us through ``F.linear`` on the benchmark's 2 cores).
+    Packed for ``PACK_ROWS`` rows whatever the rows of the call, the kernels do not change with
+    the batch: a row's product has the same bits alone or batched.
     """
 
     def __init__(self, weights: list[Tensor], pack: bool):
+        distinct = {id(weight): weight for weight in weights}.values()  # shared layers: once
         self.packed: dict[Tensor, Tensor] = {}
-        distinct = {id(weight): weight for weight in weights}.values()
         if pack and sum(weight.numel() * weight.element_size() for weight in distinct) <= PACK_MAX_BYTES:
-            for weight in weights:
-                if weight not in self.packed:
-                    self.packed[weight] = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+            self.packed = {
+                weight: torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) for weight in distinct
+            }
 
     @staticmethod
     def packable(like: Tensor) -> bool:
@@ -92,11 +93,12 @@ class DecoderStep(nn.Module):
     cache. Equal to the model's output for ``transformer(x[:, None], offset=position,
     cache=cache)`` in eval mode without gradients.
 
-    ``key_padding_mask [rows, max_len]`` (True = keep); ``kv``: each layer's ``[2, rows, H,
-    max_len, D]``; ``history``: token shift's normed inputs ``[rows, max_len + 1, dim]`` per
-    branch (attention, feed-forward, layer by layer), empty without token shift (see
-    `cache_tensors`). ``pack``: run the products through packed weights (`Projections`; the
-    eager step), else through ``F.linear`` (what is exported and compiled).
+    ``padding [rows, max_len]``: 0 where a key may be attended, ``-inf`` on padded text (see
+    `padding_bias`); ``kv``: each layer's ``[2, rows, H, max_len, D]``; ``history``: token
+    shift's normed inputs ``[rows, max_len + 1, dim]`` per branch (attention, feed-forward,
+    layer by layer), empty without token shift (see `cache_tensors`). ``pack``: run the
+    products through packed weights (`Projections`; the eager step), else through ``F.linear``
+    (what is exported and compiled).
     """
 
     def __init__(self, model: DALLE, max_len: int, head: str, pack: bool = False):
@@ -138,7 +140,7 @@ class DecoderStep(nn.Module):
         self.linear = Projections(weights, pack)
 
     def forward(
-        self, x: Tensor, position: Tensor, key_padding_mask: Tensor, kv: list[Tensor], history: list[Tensor]
+        self, x: Tensor, position: Tensor, padding: Tensor, kv: list[Tensor], history: list[Tensor]
     ) -> Tensor:
         shift = self.shift_index.index_select(0, position).view(-1) if history else None  # [dim]
         rotation = None
@@ -146,9 +148,6 @@ class DecoderStep(nn.Module):
             rotation = (
                 self.rotary_cos.index_select(0, position)[0], self.rotary_sin.index_select(0, position)[0]
             )
-        padding = torch.zeros_like(key_padding_mask, dtype=x.dtype).masked_fill_(
-            ~key_padding_mask, float("-inf")
-        )  # [rows, max_len]
         scores_bias = {  # per pattern: [rows, 1, 1, max_len], 0 = attend, -inf = not
             kind: (getattr(self, f"mask_{kind}").index_select(0, position) + padding)[:, None, None]
             for kind in self.kinds
@@ -242,7 +241,7 @@ def cache_tensors(cache: list[LayerCache]) -> tuple[list[Tensor], list[Tensor]]:
     return kv, history
 
 
-#: ``(x, position [1], key_padding_mask, kv, history) -> logits``: a `DecoderStep`, eager or compiled
+#: ``(x, position [1], padding, kv, history) -> logits``: a `DecoderStep`, eager or compiled
 Runner = Callable[[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]], Tensor]
 
 
@@ -252,11 +251,19 @@ def bind(
     """``(x [rows, dim], position) -> logits [rows, vocabulary]``: ``runner`` over ``cache``."""
     kv, history = cache_tensors(cache)
     rows, max_len, device = kv[0].shape[1], kv[0].shape[3], kv[0].device
-    if key_padding_mask is None:
-        key_padding_mask = torch.ones(rows, max_len, dtype=torch.bool, device=device)
-    key_padding_mask = key_padding_mask.contiguous()  # compiled code assumes the strides it saw
+    padding = padding_bias(key_padding_mask, rows, max_len, kv[0])  # once per call, not per step
     positions = torch.arange(max_len, device=device)[:, None].unbind(0)  # per position: [1]
-    return lambda x, position: runner(x.contiguous(), positions[position], key_padding_mask, kv, history)
+    return lambda x, position: runner(x.contiguous(), positions[position], padding, kv, history)
+
+
+def padding_bias(key_padding_mask: Tensor | None, rows: int, max_len: int, like: Tensor) -> Tensor:
+    """``key_padding_mask [rows, max_len]`` (True = keep; None = keep all) as the step adds it to
+    its scores: ``[rows, max_len]`` of ``like``'s dtype and device, 0 = keep, ``-inf`` = padded
+    (contiguous: compiled code assumes the strides it was compiled for)."""
+    padding = torch.zeros(rows, max_len, dtype=like.dtype, device=like.device)
+    if key_padding_mask is not None:
+        padding.masked_fill_(~key_padding_mask, float("-inf"))
+    return padding
 
 
 def decoder_step(
@@ -317,10 +324,10 @@ def _load_or_compile(model: DALLE, cache: list[LayerCache], x: Tensor, max_len: 
 def _example_inputs(cache: list[LayerCache], x: Tensor, max_len: int) -> tuple:
     """Inputs of a `DecoderStep` call shaped like ``x`` over copies of ``cache``."""
     rows = x.shape[0]
-    key_padding_mask = torch.ones(rows, max_len, dtype=torch.bool, device=x.device)
+    padding = padding_bias(None, rows, max_len, cache[0].attn.kv)
     kv, history = ([t.clone() for t in tensors] for tensors in cache_tensors(cache))  # the call writes them
     position = torch.tensor([max_len - 1], device=x.device)
-    return torch.zeros_like(x, memory_format=torch.contiguous_format), position, key_padding_mask, kv, history
+    return torch.zeros_like(x, memory_format=torch.contiguous_format), position, padding, kv, history
 
 
 def _export_and_compile(
@@ -343,21 +350,21 @@ def _cuda_graph_runner(step: DecoderStep, x: Tensor, cache: list[LayerCache]) ->
     """``step`` captured as a CUDA graph for calls shaped like ``x`` over ``cache``'s tensors
     (one launch a step instead of one per operator). Never run on a GPU yet: see the README."""
     max_len = cache[0].attn.kv.shape[3]
-    static_x, static_position, static_mask, *copies = _example_inputs(cache, x, max_len)
+    static_x, static_position, static_padding, *copies = _example_inputs(cache, x, max_len)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.no_grad():  # a warm-up outside the graph (on copies of the cache)
-        step(static_x, static_position, static_mask, *copies)
+        step(static_x, static_position, static_padding, *copies)
     torch.cuda.current_stream().wait_stream(stream)
     kv, history = cache_tensors(cache)  # the graph reads and writes the call's own cache
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
-        static_logits = step(static_x, static_position, static_mask, kv, history)
+        static_logits = step(static_x, static_position, static_padding, kv, history)
 
-    def run(x: Tensor, position: Tensor, key_padding_mask: Tensor, kv: list[Tensor], history: list[Tensor]):
+    def run(x: Tensor, position: Tensor, padding: Tensor, kv: list[Tensor], history: list[Tensor]):
         static_x.copy_(x)
         static_position.copy_(position)
-        static_mask.copy_(key_padding_mask)
+        static_padding.copy_(padding)
         graph.replay()
         return static_logits.clone()
 

@@ -66,8 +66,8 @@ class KernelSelector:
     """Resolves ``attn_kernel`` (a registered name or ``"auto"``) to a kernel per call.
 
     A named kernel is created at construction, so a name whose plugin is not installed fails
-    there, saying which package to install. Where it cannot serve a call (e.g. a cached
-    generation step for ``flex``), the dense SDPA kernel does. ``auto`` picks the usable kernel
+    there, saying which package to install. Where it cannot serve a call (e.g. a cached call at
+    an offset for ``flex``), the dense SDPA kernel does. ``auto`` picks the usable kernel
     with the highest priority. Choices are cached per (pattern, device, dtype, grad, decoding).
     """
 
