@@ -9,8 +9,11 @@ It runs the real commands one after the other, as a user would:
 4. ``dalle-train generate`` for fixed prompts, ranked by the CLIP;
 
 then reads the generated PNGs back with the shapes checker and writes ``samples.png`` (every
-prompt, best CLIP score first, with what the checker sees), ``loss.png`` and ``summary.json``.
-``--quick`` does the same with tiny models in well under a minute (for tests).
+fixed prompt, best CLIP score first, with what the checker sees), ``samples-extra.png`` (the same
+for prompts drawn with the seed, scored apart), ``loss.png``, ``summary.json`` and ``report.md``
+(the checker's agreement next to chance and the VAE's ceiling, seconds and steps per stage,
+codebook usage: `dalle_train.demo_report`). ``--quick`` does the same with tiny models in well
+under a minute (for tests).
 """
 
 from __future__ import annotations
@@ -24,11 +27,23 @@ from typing import Any
 
 from PIL import Image
 
+from dalle_core import DiscreteVAE
+from dalle_train.commands.common import load_model
 from dalle_train.data.shapes import PROMPTS, Spec, judge, score
+from dalle_train.demo_report import (
+    agreement,
+    chance,
+    extra_prompts,
+    hard_reconstructions,
+    held_out,
+    rounded,
+    write_report,
+)
 from dalle_train.errors import TrainError
 from dalle_train.flags import add_flag
 from dalle_train.imageio import to_tensor
 from dalle_train.pictures import image_rows, loss_plot, save_png, slug
+from dalle_train.training.layout import find_model_dir
 from dalle_train.training.metrics import METRICS_FILE
 
 
@@ -40,6 +55,8 @@ class Plan:
     steps: dict[str, int]
     per_prompt: int
     prompts: int
+    extra_prompts: int
+    held_out: int
     vae: list[str] = field(default_factory=list)
     dalle: list[str] = field(default_factory=list)
     clip: list[str] = field(default_factory=list)
@@ -50,6 +67,7 @@ def plan(quick: bool) -> Plan:
     if quick:
         return Plan(
             samples=512, steps={"vae": 100, "dalle": 40, "clip": 20}, per_prompt=4, prompts=2,
+            extra_prompts=2, held_out=64,
             vae=["--num-tokens", "64", "--emb-dim", "32", "--hidden-dim", "32", "--batch-size", "8"],
             dalle=["--dim", "64", "--depth", "2", "--heads", "2", "--dim-head", "32", "--batch-size", "16"],
             clip=["--dim-text", "32", "--dim-image", "32", "--dim-latent", "32", "--text-enc-depth", "1",
@@ -57,6 +75,7 @@ def plan(quick: bool) -> Plan:
         )
     return Plan(
         samples=4000, steps={"vae": 1200, "dalle": 500, "clip": 300}, per_prompt=8, prompts=len(PROMPTS),
+        extra_prompts=6, held_out=500,
         # small batches, many steps; a slight KL to the uniform prior keeps more codes in use
         vae=["--num-tokens", "128", "--emb-dim", "32", "--hidden-dim", "48", "--batch-size", "16"],
         dalle=["--dim", "128", "--depth", "4", "--heads", "4", "--dim-head", "32", "--batch-size", "32"],
@@ -91,6 +110,23 @@ def _losses(run_dir: Path) -> list[float]:
     return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
 
 
+def _judged(out: Path, specs: list[Spec]) -> tuple[list[Any], list[tuple[Spec, Spec | None]]]:
+    """The generated pictures of each of ``specs``, read back: rows for `image_rows` (with what
+    the checker sees under each, green where colour and shape agree) and (asked, seen) pairs."""
+    rows, pairs = [], []
+    for spec in specs:
+        folder = out / "generated" / slug(spec.caption())
+        images = [to_tensor(Image.open(path).convert("RGB"))
+                  for path in sorted(folder.glob("[0-9]*.png"), key=lambda q: int(q.stem))]
+        seen = [judge(image) for image in images]
+        pairs += [(spec, s) for s in seen]
+        under = [((f"{s.colour} {s.shape}" if s else "blank"),
+                  (20, 120, 40) if s and (s.colour, s.shape) == (spec.colour, spec.shape) else (180, 30, 30))
+                 for s in seen]
+        rows.append((spec.caption(), images, under))
+    return rows, pairs
+
+
 def run(args: argparse.Namespace) -> int:
     """Train the three models, generate, judge; returns 0."""
     started, out, p = time.perf_counter(), args.output_dir, plan(args.quick)
@@ -118,39 +154,49 @@ def run(args: argparse.Namespace) -> int:
                    "--visual-patch-size", "8", "--learning-rate", "1e-3", "--batch-size", "64", *p.clip])
 
     specs = [Spec(*prompt) for prompt in PROMPTS[: p.prompts]]
+    extras = extra_prompts(args.seed, p.extra_prompts)
     t = time.perf_counter()
     _command(["generate", "--dalle-path", str(out / "dalle"), "--clip-path", str(out / "clip"),
-              "--text", "|".join(s.caption() for s in specs), "--num-images", str(p.per_prompt),
+              "--text", "|".join(s.caption() for s in specs + extras), "--num-images", str(p.per_prompt),
               "--batch-size", str(p.per_prompt), "--top-k", "0.9", "--seed", str(args.seed),
               "--outputs-dir", str(out / "generated")])
     seconds["generate"] = round(time.perf_counter() - t, 1)
 
-    rows, pairs = [], []
-    for spec in specs:
-        folder = out / "generated" / slug(spec.caption())
-        images = [to_tensor(Image.open(path).convert("RGB"))
-                  for path in sorted(folder.glob("[0-9]*.png"), key=lambda q: int(q.stem))]
-        seen = [judge(image) for image in images]
-        pairs += [(spec, s) for s in seen]
-        under = [((f"{s.colour} {s.shape}" if s else "blank"),
-                  (20, 120, 40) if s and (s.colour, s.shape) == (spec.colour, spec.shape) else (180, 30, 30))
-                 for s in seen]
-        rows.append((spec.caption(), images, under))
-    save_png(image_rows(rows, scale=3, title="generated, best CLIP score first; under each: what the "
-                        "pixel checker sees (green: the prompt's colour and shape)"), out / "samples.png")
+    t = time.perf_counter()
+    rows, pairs = _judged(out, specs)
+    extra_rows, extra_pairs = _judged(out, extras)
+    title = ("generated, best CLIP score first; under each: what the pixel checker sees (green: the "
+             "prompt's colour and shape)")
+    save_png(image_rows(rows, scale=3, title=title), out / "samples.png")
+    save_png(image_rows(extra_rows, scale=3, title=f"prompts drawn with seed {args.seed}; {title}"),
+             out / "samples-extra.png")
     loss_plot({name.upper() if name != "dalle" else "DALLE": _losses(out / name)
                for name in ("vae", "dalle", "clip")}, out / "loss.png")
+    vae = load_model(DiscreteVAE, find_model_dir(out / "vae")).eval()
+    held_specs, held_images = held_out(args.seed, p.samples, p.held_out)
+    reconstructions, code_counts = hard_reconstructions(vae, held_images)
+    seconds["judge"] = round(time.perf_counter() - t, 1)
 
     generated = score(pairs)
     summary = {
         "seed": args.seed, "quick": args.quick, "steps": p.steps,
-        "checker": {"generated": {k: round(v, 3) for k, v in generated.items()}, "images": len(pairs)},
+        "checker": {
+            "generated": rounded(generated), "images": len(pairs),
+            "extra": rounded(score(extra_pairs)), "extra_images": len(extra_pairs),
+            "vae_ceiling": rounded(agreement(held_specs, reconstructions)),
+            "dataset": rounded(agreement(held_specs, held_images)), "held_out": len(held_specs),
+            "chance": rounded(chance()),
+        },
+        "extra_prompts": [s.caption() for s in extras],
+        "vae": {"num_tokens": vae.num_tokens, "codes_used": int((code_counts > 0).sum()),
+                "codes_per_image": (vae.image_size // 2 ** vae.num_layers) ** 2},
         "seconds": {**seconds, "total": round(time.perf_counter() - started, 1)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(summary, out / "report.md")
     print(f"\ndemo done in {summary['seconds']['total']:.0f} s; the pixel checker finds the prompt's "
           f"colour in {generated['colour']:.0%} and its shape in {generated['shape']:.0%} of {len(pairs)} "
-          f"generated images")
-    print(f"look at: {out / 'samples.png'}, {out / 'loss.png'}, {out / 'generated'}/, "
+          f"generated images (the VAE's ceiling: {summary['checker']['vae_ceiling']['shape']:.0%} shape)")
+    print(f"look at: {out / 'report.md'}, {out / 'samples.png'}, {out / 'loss.png'}, {out / 'generated'}/, "
           f"{out / 'vae' / 'samples'}/, {out / 'dalle' / 'samples'}/")
     return 0
