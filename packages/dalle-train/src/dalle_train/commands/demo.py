@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "extra_prompts": [s.caption() for s in extras],
         "vae": {"num_tokens": vae.num_tokens, "codes_used": int((code_counts > 0).sum()),
-                "codes_per_image": (vae.image_size // 2 ** vae.num_layers) ** 2},
+                "codes_per_image": vae.fmap_size ** 2},
         "seconds": {**seconds, "total": round(time.perf_counter() - started, 1)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
