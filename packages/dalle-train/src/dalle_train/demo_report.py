@@ -37,7 +37,9 @@ from dalle_train.data.shapes import (
 
 #: the checker's fields, in the report's order ("all": the four at once)
 FIELDS = ("colour", "shape", "position", "size", "all")
-#: a salt for the extra prompts' seed, so they do not follow the dataset's own draws
+#: mixed with the seed for the drawn prompts' generator, so that it is not the generator any
+#: other part of the demo seeds with the seed alone (the figures in benchmarks/demo-quality.md
+#: were drawn with it)
 EXTRA_PROMPTS_SALT = 0x5EED
 
 
