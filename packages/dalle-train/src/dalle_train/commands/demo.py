@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     vae = load_model(DiscreteVAE, find_model_dir(out / "vae")).eval()
     held_specs, held_images = held_out(args.seed, p.samples, p.held_out)
     reconstructions, code_counts = hard_reconstructions(vae, held_images)
+    ceiling, dataset = agreement(held_specs, reconstructions), agreement(held_specs, held_images)
     seconds["judge"] = round(time.perf_counter() - t, 1)
 
     generated = score(pairs)
@@ -194,8 +195,7 @@ def run(args: argparse.Namespace) -> int:
         "checker": {
             "generated": rounded(generated), "images": len(pairs),
             "extra": rounded(score(extra_pairs)), "extra_images": len(extra_pairs),
-            "vae_ceiling": rounded(agreement(held_specs, reconstructions)),
-            "dataset": rounded(agreement(held_specs, held_images)), "held_out": len(held_specs),
+            "vae_ceiling": rounded(ceiling), "dataset": rounded(dataset), "held_out": len(held_specs),
             "chance": rounded(chance()),
         },
         "extra_prompts": [s.caption() for s in extras],
