@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import ALL_TYPES, STEP_OPTIONS, TEXT_SEQ_LEN, step_case, tiny_dalle
 
+import dalle_core.decoder_step as decoder_step_module
 from dalle_core import CLIP, sampling
 from dalle_core.decoder_step import PACK_ROWS, DecoderStep, Projections, bind, decoder_step
 from dalle_core.plugins import default_tokenizer_name
@@ -121,13 +122,32 @@ def test_the_step_under_autocast_follows_the_forward():
     torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
 
 
-def test_a_bfloat16_model_steps_with_packed_bfloat16_weights():
+@pytest.mark.parametrize("packs", [True, False], ids=["packed", "F.linear"])
+def test_a_bfloat16_model_steps_packed_where_onednn_packs_bfloat16_else_through_linear(packs, monkeypatch):
+    """oneDNN packs bfloat16 weights only on CPUs with AVX-512 (or AVX-NE-CONVERT) and raises
+    elsewhere: generation asks it once, and steps through ``F.linear`` where it cannot."""
+    if packs and not decoder_step_module._onednn_packs(torch.bfloat16):
+        pytest.skip("this CPU's oneDNN does not pack bfloat16 weights (it needs AVX-512)")
+    monkeypatch.setattr(decoder_step_module, "_onednn_packs", lambda dtype: packs)
     dalle, x, keep, start = step_case({"attn_types": ("full", "axial_row")})
     dalle, x = dalle.to(torch.bfloat16), x.to(torch.bfloat16)
+    assert Projections.packable(x) is packs
     expected = forward_logits(dalle, x, keep, "image")[:, start:]
     got = stepped_logits(dalle, x, keep, start, "image", pack=None)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.1)
+
+
+def test_onednn_is_asked_once_whether_it_packs_a_dtype(monkeypatch):
+    assert decoder_step_module._onednn_packs(torch.float32)  # wherever oneDNN runs
+    probe = decoder_step_module._onednn_packs.__wrapped__  # not cached
+
+    def refusing(weight, rows):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refusing)
+    assert probe(torch.bfloat16) is False and probe(torch.float32) is False
+    assert decoder_step_module._onednn_packs(torch.float32)  # the cached answer
 
 
 def test_generation_packs_float32_weights_on_the_cpu_not_float64_nor_under_autocast(text, monkeypatch):

@@ -26,6 +26,7 @@ The same module runs two ways (`decoder_step`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import weakref
@@ -75,16 +76,34 @@ class Projections:
 
     @staticmethod
     def packable(like: Tensor) -> bool:
-        """Whether the products of a step for calls like ``like`` can be packed."""
+        """Whether the products of a step for calls like ``like`` can be packed: on the CPU, in
+        float32, or in bfloat16 where this CPU's oneDNN packs it (`_onednn_packs`)."""
         return (
             like.device.type == "cpu" and like.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+            and _onednn_packs(like.dtype)
         )
 
     def __call__(self, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if not self.packed:  # as exported: the compiler packs the weights its own way
             return F.linear(h, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(h, self.packed[weight], bias, "none", [], "")
+
+
+@functools.cache
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs and multiplies ``dtype`` weights on this CPU: bfloat16 needs
+    AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and oneDNN refuses it elsewhere. Asked once per
+    dtype, with a product of ones."""
+    weight = torch.ones(2, 2, dtype=dtype)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        row = torch.ones(1, 2, dtype=dtype)
+        product = torch.ops.mkldnn._linear_pointwise(row, packed, None, "none", [], "")
+    except RuntimeError as error:
+        logger.info("oneDNN does not pack %s weights on this CPU (%s): the step uses F.linear", dtype, error)
+        return False
+    return bool((product == 2).all())
 
 
 class DecoderStep(nn.Module):
