@@ -148,6 +148,9 @@ def test_onednn_is_asked_once_whether_it_packs_a_dtype(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refusing)
     assert probe(torch.bfloat16) is False and probe(torch.float32) is False
     assert decoder_step_module._onednn_packs(torch.float32)  # the cached answer
+    asked = []
+    monkeypatch.setattr(decoder_step_module, "_onednn_packs", lambda dtype: asked.append(dtype) or False)
+    assert not Projections.packable(torch.zeros(1, dtype=torch.bfloat16)) and asked == [torch.bfloat16]
 
 
 def test_generation_packs_float32_weights_on_the_cpu_not_float64_nor_under_autocast(text, monkeypatch):

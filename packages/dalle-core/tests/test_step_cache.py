@@ -20,6 +20,7 @@ from conftest import tiny_dalle
 from dalle_core import step_cache
 
 CALL = dict(rows=2, max_len=40, dtype=torch.float32, threads=2, head="image")
+CALL_WITHOUT_HEAD = {name: value for name, value in CALL.items() if name != "head"}
 
 
 @pytest.fixture
@@ -54,6 +55,15 @@ def test_the_key_is_the_same_for_the_same_model_and_call():
     assert key(model) == same
     copy = tiny_dalle()  # another object, the same configuration and weights
     assert key(copy) == same
+
+
+def test_the_key_takes_any_module_and_any_configuration():
+    plain = torch.nn.Linear(2, 2)  # no configuration
+    configured = torch.nn.Linear(2, 2)
+    configured.load_state_dict(plain.state_dict())
+    configured.config = {"where": Path("/models/x"), "dtype": torch.float16}  # not JSON: written as text
+    assert key(configured) != key(plain)
+    assert step_cache.step_key(plain, **CALL_WITHOUT_HEAD) == key(plain, head="image")  # the default head
 
 
 @pytest.mark.parametrize("change", [
@@ -114,13 +124,18 @@ def built(data: bytes):
 def test_a_stored_entry_is_whole_and_loads_in_another_call(cache, caplog):
     assert step_cache.load("k") is None  # nothing there: nothing said
     assert not cache.exists() and caplog.text == ""
-    assert step_cache.store("k", built(b"package")) == b"package"
+    paths = []
+    assert step_cache.store("k", lambda path: paths.append(path) or built(b"package")(path)) == b"package"
+    # built in a hidden folder beside the entries (so that it is moved, not copied), as a .pt2
+    # package (AOTInductor's suffix)
+    (path,) = paths
+    assert path.suffix == ".pt2" and path.parent.parent == cache and path.parent.name.startswith(".")
     assert sorted(p.name for p in cache.iterdir()) == ["k.pt2", "k.sha256"]  # no build folder left
     assert (cache / "k.sha256").read_text() == step_cache.sha256_of(cache / "k.pt2") + "\n"
     os.utime(cache / "k.pt2", (1000, 1000))
     with caplog.at_level(logging.INFO, logger="dalle_core"):
         assert step_cache.load("k") == b"package"
-    assert f"loaded the compiled generation step from {cache / 'k.pt2'}" in caplog.text
+    assert caplog.messages == [f"loaded the compiled generation step from {cache / 'k.pt2'}"]
     assert (cache / "k.pt2").stat().st_mtime > time.time() - 60  # marked used: evicted last
 
 
@@ -146,7 +161,7 @@ def test_a_damaged_entry_is_deleted_never_loaded(cache, caplog, damage, problem)
     damage(cache / "k.pt2", cache / "k.sha256")
     with caplog.at_level(logging.WARNING, logger="dalle_core"):
         assert step_cache.load("k") is None
-    assert f"compiled step {cache / 'k.pt2'} is not used, {problem}: compiling again" in caplog.text
+    assert caplog.messages == [f"compiled step {cache / 'k.pt2'} is not used, {problem}: compiling again"]
     assert list(cache.iterdir()) == []
 
 
@@ -160,13 +175,19 @@ def test_an_entry_that_does_not_load_is_deleted(cache, caplog):
     assert list(cache.iterdir()) == []
 
 
-def test_storing_bounds_the_folder_keeping_the_new_entry(cache, monkeypatch):
-    monkeypatch.setenv(step_cache.MAX_MB_ENV, str(2.5 / 1024))  # 2.5 KiB
-    for age, name in enumerate(("a", "b")):
+def test_storing_bounds_the_folder_keeping_the_new_entry(cache, monkeypatch, caplog):
+    monkeypatch.setenv(step_cache.MAX_MB_ENV, str(3 / 1024))  # 3 KiB: three 1 KiB packages
+    for age, name in enumerate(("z", "y", "x")):  # "z" least recently used, though last by name
         step_cache.store(name, built(b"x" * 1024))
         os.utime(cache / f"{name}.pt2", (1000 + age, 1000 + age))
-    step_cache.store("c", built(b"x" * 1024))
-    assert sorted(p.name for p in cache.iterdir()) == ["b.pt2", "b.sha256", "c.pt2", "c.sha256"]
+    assert len(list(cache.glob("*.pt2"))) == 3  # at the bound, not over it: all kept
+    (cache / "z.sha256").unlink()  # an entry whose digest is gone is evicted all the same
+    with caplog.at_level(logging.INFO, logger="dalle_core"):
+        step_cache.store("a", built(b"x" * 1024))
+    assert caplog.messages == [f"deleted the compiled step {cache / 'z.pt2'}, the least recently used "
+                               f"(DALLE_COMPILED_STEPS_MAX_MB)"]
+    assert sorted(p.name for p in cache.iterdir()) == [f"{name}.{suffix}" for name in "axy"
+                                                       for suffix in ("pt2", "sha256")]
     step_cache.store("big", built(b"x" * 4096))  # over the bound alone: kept, the others go
     assert sorted(p.name for p in cache.iterdir()) == ["big.pt2", "big.sha256"]
 
