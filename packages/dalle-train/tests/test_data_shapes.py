@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from dalle_train.data.seeding import mix
 from dalle_train.data.shapes import (
     BACKGROUND,
     COLOURS,
@@ -20,6 +21,7 @@ from dalle_train.data.shapes import (
     draw_shape,
     judge,
     make_dataset,
+    random_spec,
     score,
     tally,
 )
@@ -56,6 +58,23 @@ def test_seeded_random_access_and_epoch_independent():
     assert len({a[i].image.sum().item() for i in range(50)}) == 50  # jitter: no two alike
     with pytest.raises(IndexError):
         a[50]
+
+
+def test_pictures_are_drawn_once_and_kept_within_a_bound(monkeypatch):
+    import dalle_train.data.shapes as shapes
+
+    drawn = []
+    monkeypatch.setattr(shapes, "draw_shape", lambda *args: drawn.append(args) or draw_shape(*args))
+    monkeypatch.setattr(shapes, "KEPT_BYTES", 2 * 3 * 32 * 32)  # two pictures
+    data = ShapesDataset(5, seed=3)
+    first = [data[i].image for i in range(3)]
+    assert [torch.equal(data.load(i, 2).image, first[i]) for i in range(3)] == [True] * 3
+    assert len(drawn) == 4  # pictures 0 and 1 kept, picture 2 drawn again
+    for index, image in enumerate(first):  # drawn or kept, the picture the seed draws
+        rng = random.Random(mix(3, index))
+        assert torch.equal(image, to_tensor(draw_shape(random_spec(rng), rng)))
+    data[0].image.fill_(0.5)  # a sample's image is its own: the kept picture stays
+    assert torch.equal(data[0].image, first[0]) and len(drawn) == 4
 
 
 def test_bad_sizes_are_refused():

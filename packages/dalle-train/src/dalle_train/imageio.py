@@ -13,11 +13,16 @@ MODES = {3: "RGB", 4: "RGBA"}
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL image in mode RGB or RGBA -> float ``[C, H, W]`` in [0, 1]."""
+    return to_bytes(image).float() / 255
+
+
+def to_bytes(image: Image.Image) -> torch.Tensor:
+    """A PIL image in mode RGB or RGBA -> its pixels, uint8 ``[C, H, W]`` (`to_tensor` times 255)."""
     channels = {mode: c for c, mode in MODES.items()}.get(image.mode)
     if channels is None:
         raise ValueError(f"image mode {image.mode!r}: convert to RGB or RGBA first")
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)  # [H*W*C]
-    return data.view(image.height, image.width, channels).permute(2, 0, 1).float() / 255
+    return data.view(image.height, image.width, channels).permute(2, 0, 1)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from dalle_train.data.sample import Sample
 from dalle_train.data.seeding import mix
-from dalle_train.imageio import to_tensor
+from dalle_train.imageio import to_bytes
 
 BASE = 32  # the side, in pixels, the sizes and positions below are given for
 BACKGROUND = (236, 234, 228)
@@ -46,6 +46,9 @@ POSITIONS: dict[str, tuple[float, float]] = {  # centre (x, y), pixels of BASE
     "center": (16.0, 16.0),
 }
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downscaled: anti-aliased edges
+#: a dataset keeps the pictures it drew, as bytes, up to this many (64 MiB: 21,000 32x32 ones), so
+#: that a picture is drawn once and not once per epoch
+KEPT_BYTES = 64 * 2**20
 
 #: fixed prompts for sample grids (size, colour, shape, position), so runs compare
 PROMPTS: list[tuple[str, str, str, str]] = [
@@ -116,7 +119,8 @@ class ShapesDataset(Dataset):
 
     Item ``index`` depends only on (``seed``, ``index``), not on the epoch or on other items:
     the dataset is random-access and the same on every machine. ``source`` reads
-    ``shapes/<seed>/<index>``; `spec` gives what a picture shows.
+    ``shapes/<seed>/<index>``; `spec` gives what a picture shows. Pictures drawn are kept (up
+    to `KEPT_BYTES`) for the next epochs.
     """
 
     def __init__(self, count: int, seed: int = 0, image_size: int = BASE) -> None:
@@ -128,6 +132,7 @@ class ShapesDataset(Dataset):
         self.seed = seed
         self.image_size = image_size
         self.epoch = 0
+        self._kept: dict[int, torch.Tensor] = {}  # index -> uint8 [3, S, S]
 
     def __len__(self) -> int:
         return self.count
@@ -149,8 +154,12 @@ class ShapesDataset(Dataset):
         """Picture ``index`` (the same in every epoch): image ``[3, S, S]`` in [0, 1]."""
         rng = self._rng(index)
         spec = random_spec(rng)
-        image = to_tensor(draw_shape(spec, rng, self.image_size))  # [3, S, S]
-        return Sample(image, spec.caption(), f"shapes/{self.seed}/{index}")
+        pixels = self._kept.get(index)
+        if pixels is None:
+            pixels = to_bytes(draw_shape(spec, rng, self.image_size))  # uint8 [3, S, S]
+            if (len(self._kept) + 1) * pixels.numel() <= KEPT_BYTES:
+                self._kept[index] = pixels
+        return Sample(pixels.float() / 255, spec.caption(), f"shapes/{self.seed}/{index}")
 
     def __getitem__(self, index: int) -> Sample:
         return self.load(index, self.epoch)
