@@ -46,7 +46,7 @@ POSITIONS: dict[str, tuple[float, float]] = {  # centre (x, y), pixels of BASE
     "center": (16.0, 16.0),
 }
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downscaled: anti-aliased edges
-#: a dataset keeps the pictures it drew, as bytes, up to this many (64 MiB: 21,000 32x32 ones), so
+#: a dataset keeps the pictures it drew, as bytes, up to this many (64 MiB: 21,845 of 32x32), so
 #: that a picture is drawn once and not once per epoch
 KEPT_BYTES = 64 * 2**20
 
