@@ -10,7 +10,8 @@ processes that talk over gloo on this machine.
 - without a launcher, or with a backend that is not installed, the error says what to do;
 - fsdp: 2 processes equal 1 with accumulated, clipped gradients; its checkpoints are ordinary
   (the root's samples reload them), resume exactly in fsdp, and continue in ddp as fsdp would,
-  and fsdp continues ddp's, optimizer state included.
+  and fsdp continues ddp's, optimizer state included;
+- when the command returns, no gloo thread is left for the interpreter's teardown (ddp, fsdp).
 """
 
 from __future__ import annotations
@@ -271,3 +272,34 @@ def test_fsdp_is_one_process_and_its_checkpoints_are_ordinary(tmp_path: Path, va
         ok(torchrun(dalle(run, vae_dir, *steps, "--max-steps", "3"), backend=first))
         ok(torchrun(dalle(run, vae_dir, "--resume", "--max-steps", "5"), backend=then))
         assert_close_weights(run / "checkpoints/step-5", straight_5, atol=0 if name == "fsdp" else 1e-6)
+
+
+#: runs dalle-train as torchrun's script, then prints the gloo threads still alive in the process
+GLOO_THREADS_AFTER_MAIN = """
+import os, sys
+from dalle_train import cli
+code = cli.main(sys.argv[1:])
+tasks = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+print(f"rank {os.environ['RANK']} gloo threads after main: {sorted(t for t in tasks if 'gloo' in t)}")
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's threads from /proc")
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_the_process_group_and_its_threads_are_gone_when_the_command_returns(
+        tmp_path: Path, vae_dir: Path, backend: str) -> None:
+    """Left for the interpreter's teardown, gloo's threads can end a finished run with SIGABRT
+    (pytorch PR 179291); fsdp's mesh used to keep the group alive in DTensor's caches, and
+    torch.distributed.nn.functional's defaults kept the group once FSDP imported it."""
+    script = tmp_path / "run_and_list_threads.py"
+    script.write_text(GLOO_THREADS_AFTER_MAIN)
+    result = subprocess.run(
+        [*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script),
+         *dalle(tmp_path / "run", vae_dir, "--batch-size", "2", "--max-steps", "2"),
+         "--distributed-backend", backend],
+        capture_output=True, text=True, timeout=240)
+    out = ok(result)
+    for rank in (0, 1):
+        assert f"rank {rank} gloo threads after main: []" in out, out[-3000:]

@@ -7,6 +7,7 @@ and sets ``run`` (``args -> exit code``) as the parser's default ``run``.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -64,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainError as error:
         print(f"dalle-train {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    finally:
+        if getattr(args, "distributed_backend", "none") != "none":
+            # an FSDP model is left in reference cycles: freed here, it frees the process group,
+            # whose gloo threads are then joined now instead of at the interpreter's teardown
+            # (a crash there: see `dalle_train.backends.fsdp.release_dtensor_caches`)
+            gc.collect()
 
 
 if __name__ == "__main__":

@@ -82,6 +82,12 @@ class FSDPBackend(ProcessGroupBackend):
                 module._parameters[name] = parameter
             model.__class__ = sharded_class
 
+    def shutdown(self) -> None:
+        """Also empties DTensor's caches (`release_dtensor_caches`), so that the process group
+        is freed with the model, before the interpreter's teardown."""
+        release_dtensor_caches()
+        super().shutdown()
+
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """Each state tensor gathered whole (collective), numbered as ``torch.optim`` numbers
         the parameters of its groups."""
@@ -111,3 +117,27 @@ class FSDPBackend(ProcessGroupBackend):
                     # every process holds the whole value: each keeps its own shard, no communication
                     values[key] = distribute_tensor(value, parameter.device_mesh, parameter.placements,
                                                     src_data_rank=None)
+
+
+def release_dtensor_caches() -> None:
+    """Empty the caches DTensor keeps across calls: sharding decisions (Python and C++),
+    redistribution plans, mesh topology. Their entries hold the device mesh, and through it the
+    process group with gloo's threads, for the life of the process; joining those threads at the
+    interpreter's teardown is a crash that pytorch PR 179291 describes (SIGABRT)."""
+    import sys
+
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    torch._C._clear_DTensor_sharding_propagator_cache()
+    clear_redistribute_planner_cache()
+    for name, module in list(sys.modules.items()):  # the functools caches of DTensor's modules
+        if not name.startswith("torch.distributed.tensor") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            members = list(vars(value).values()) if isinstance(value, type) else []
+            for member in (value, *members):
+                cached = getattr(member, "__func__", member)  # a static method's function
+                if not isinstance(cached, type) and callable(getattr(cached, "cache_clear", None)):
+                    cached.cache_clear()

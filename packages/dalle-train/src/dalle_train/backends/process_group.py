@@ -42,6 +42,10 @@ class ProcessGroupBackend(DistributedBackend):
                 f"--distributed-backend {self.plugin_name}"
             )
         if not dist.is_initialized():
+            # imported before the group exists: its functions' default ``group=group.WORLD`` is
+            # read at import, and would otherwise hold the default group, and gloo's threads,
+            # until the interpreter's teardown (torch._dynamo imports it, FSDP imports dynamo)
+            import torch.distributed.nn.functional  # noqa: F401
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=self.timeout)
 
