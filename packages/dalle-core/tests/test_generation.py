@@ -251,6 +251,21 @@ def test_inputs_are_never_modified(text):
     assert torch.equal(text, before[0]) and torch.equal(mask, before[1]) and torch.equal(img, before[2])
 
 
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generated_codes_and_images_are_ordinary_tensors(text, use_cache):
+    """The eager step runs in inference mode; what the caller gets must not be an inference
+    tensor (those refuse in-place updates and autograd outside inference mode)."""
+    dalle = tiny_dalle()
+    img = torch.rand(2, 3, 16, 16)
+    codes = generate(dalle, text, 0, img=img, num_init_img_tokens=6, use_cache=use_cache)
+    images = dalle.generate_images(text, use_cache=use_cache)
+    assert not codes.is_inference() and not images.is_inference()
+    codes += 1  # in place, outside inference mode
+    loss = (images.requires_grad_() * 2).sum()
+    loss.backward()
+    assert torch.equal(images.grad, torch.full_like(images, 2.0))
+
 def test_same_generator_seed_same_images_and_mode_is_restored(text):
     dalle = tiny_dalle(ff_dropout=0.3).train()
     first = dalle.generate_images(text, generator=torch.Generator().manual_seed(1))

@@ -444,44 +444,47 @@ class DALLE(PretrainedMixin, nn.Module):
 
             was_training = self.training
             self.eval()
-            try:
-                text_tokens = self._embed_text(text)  # [rows, L + 1, dim]
-                key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
-                cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
-                tokens = torch.cat((text_tokens, self._embed_image(row_codes(n_prime))), dim=1)
-                hidden = self._hidden(tokens, key_padding_mask, cache, last_only=True)[:, 0]
-                logits = self._image_logits(hidden)  # [rows, Vi]
-                if use_cache:
-                    next_logits = decoder_step(self, cache, key_padding_mask, hidden, "image", compile)
-                    position_emb = None  # per grid position: [dim], added to the new code's embedding
-                    if self.image_row_emb is not None:
-                        position_emb = self._image_pos_emb(self.image_seq_len).unbind(0)
-                code_columns = codes.unbind(1)  # [batch] each
-                done = 0  # positions sampled so far
-                for position in range(n_prime, self.image_seq_len):
-                    sample = code_columns[position]  # [batch]: the image's codes, unless drawn
-                    if drawn[position]:
-                        sample = sampler(guided_logits(logits))  # [batch]
-                        if mixed[position]:
-                            sample = torch.where(sampled[:, position], sample, code_columns[position])
-                        code_columns[position].copy_(sample)
-                        done += 1
-                        if progress is not None:
-                            progress(done, total)
-                    if position == self.image_seq_len - 1:
-                        break
+            # the eager step in inference mode: no version counters or view tracking (a tenth of
+            # an eager call); `codes` was made outside it, so the caller gets an ordinary tensor
+            with torch.inference_mode(not compile):
+                try:
+                    text_tokens = self._embed_text(text)  # [rows, L + 1, dim]
+                    key_padding_mask = self._key_padding_mask(mask, rows, self.seq_len)
+                    cache = self.transformer.new_cache(rows, self.seq_len, text_tokens) if use_cache else None
+                    tokens = torch.cat((text_tokens, self._embed_image(row_codes(n_prime))), dim=1)
+                    hidden = self._hidden(tokens, key_padding_mask, cache, last_only=True)[:, 0]
+                    logits = self._image_logits(hidden)  # [rows, Vi]
                     if use_cache:
-                        new = self.image_emb(sample.repeat(2) if guided else sample)  # [rows, dim]
-                        if position_emb is not None:
-                            new = new + position_emb[position]
-                        logits = next_logits(new, self.text_len + position)
-                    else:
-                        codes_so_far = self._embed_image(row_codes(position + 1))
-                        tokens = torch.cat((text_tokens, codes_so_far), dim=1)
-                        hidden = self._hidden(tokens, key_padding_mask, last_only=True)[:, 0]
-                        logits = self._image_logits(hidden)
-            finally:
-                self.train(was_training)
+                        next_logits = decoder_step(self, cache, key_padding_mask, hidden, "image", compile)
+                        position_emb = None  # per grid position: [dim], added to the new code's embedding
+                        if self.image_row_emb is not None:
+                            position_emb = self._image_pos_emb(self.image_seq_len).unbind(0)
+                    code_columns = codes.unbind(1)  # [batch] each
+                    done = 0  # positions sampled so far
+                    for position in range(n_prime, self.image_seq_len):
+                        sample = code_columns[position]  # [batch]: the image's codes, unless drawn
+                        if drawn[position]:
+                            sample = sampler(guided_logits(logits))  # [batch]
+                            if mixed[position]:
+                                sample = torch.where(sampled[:, position], sample, code_columns[position])
+                            code_columns[position].copy_(sample)
+                            done += 1
+                            if progress is not None:
+                                progress(done, total)
+                        if position == self.image_seq_len - 1:
+                            break
+                        if use_cache:
+                            new = self.image_emb(sample.repeat(2) if guided else sample)  # [rows, dim]
+                            if position_emb is not None:
+                                new = new + position_emb[position]
+                            logits = next_logits(new, self.text_len + position)
+                        else:
+                            codes_so_far = self._embed_image(row_codes(position + 1))
+                            tokens = torch.cat((text_tokens, codes_so_far), dim=1)
+                            hidden = self._hidden(tokens, key_padding_mask, last_only=True)[:, 0]
+                            logits = self._image_logits(hidden)
+                finally:
+                    self.train(was_training)
             return codes
 
     def _sampled_codes(
