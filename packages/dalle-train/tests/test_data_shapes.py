@@ -23,6 +23,7 @@ from dalle_train.data.shapes import (
     make_dataset,
     random_spec,
     score,
+    shape_mask,
     tally,
 )
 from dalle_train.imageio import to_tensor
@@ -100,3 +101,46 @@ def test_checker_on_blank_and_wrong_pictures():
 def test_prompts_use_known_values():
     for size, colour, shape, position in PROMPTS:
         assert size in SIZES and colour in COLOURS and shape in SHAPES and position in POSITIONS
+
+
+def test_a_shape_mask_is_the_anti_aliased_coverage_of_its_box():
+    """A square on (8, 8, 16.5, 16) of a 32-pixel picture, drawn at 4x (Pillow's rectangle
+    includes its last row and column there: a quarter pixel) and box-filtered back: whole pixels
+    inside, fractions on the right column and the bottom row, exactly 0 elsewhere."""
+    expected = torch.zeros(32, 32)
+    expected[8:16, 8:16] = 1
+    expected[8:16, 16] = torch.tensor(191.0) / 255  # 3 of 4 supersampled columns
+    expected[16, 8:16] = torch.tensor(64.0) / 255  # 1 of 4 supersampled rows
+    expected[16, 16] = torch.tensor(48.0) / 255
+    torch.testing.assert_close(shape_mask("square", (8, 8, 16.5, 16)), expected, rtol=0, atol=0)
+
+
+def picture(spec: Spec, seed: int = 0) -> torch.Tensor:
+    return to_tensor(draw_shape(spec, random.Random(seed)))
+
+
+def test_the_checker_ignores_pixels_of_other_colours_and_alpha_and_clamps_its_input():
+    blue = Spec("small", "blue", "square", "top left")
+    image = picture(blue)
+    assert judge(image) == blue
+    stray = image.clone()
+    stray[:, 26:30, 26:30] = (torch.tensor(COLOURS["green"], dtype=torch.float32) / 255)[:, None, None]
+    assert judge(stray) == blue  # a few green pixels are not part of the blue square
+    assert judge(torch.cat((image, torch.ones(1, 32, 32)))) == blue  # RGBA: the alpha is not a colour
+    overshoot = image.clone()
+    overshoot[image > 0.85] = 1.5  # the background's brightest channels, past white
+    overshoot[image < 0.2] = -1.0  # the square's darkest channels, past black
+    assert judge(overshoot) == judge(overshoot.clamp(0, 1))
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_a_picture_needs_four_foreground_pixels_per_base_pixel_to_be_read(image_size):
+    """Fewer than 4 pixels of a 32-pixel picture (16 of a 64-pixel one) that stand out from the
+    background read as blank."""
+    needed = 4 * (image_size // 32) ** 2
+    red = (torch.tensor(COLOURS["red"], dtype=torch.float32) / 255)[:, None]
+    background = (torch.tensor(BACKGROUND, dtype=torch.float32) / 255).view(3, 1, 1)
+    for count in (needed - 1, needed):
+        image = background.repeat(1, image_size, image_size)
+        image.view(3, -1)[:, :count] = red  # the first pixels of the top row
+        assert (judge(image) is None) == (count < needed), count
