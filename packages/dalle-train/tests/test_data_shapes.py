@@ -144,3 +144,56 @@ def test_a_picture_needs_four_foreground_pixels_per_base_pixel_to_be_read(image_
         image = background.repeat(1, image_size, image_size)
         image.view(3, -1)[:, :count] = red  # the first pixels of the top row
         assert (judge(image) is None) == (count < needed), count
+
+
+class Extremes(random.Random):
+    """A generator whose every draw is the low (or high) end of the range asked for."""
+
+    def __init__(self, high: bool):
+        super().__init__(0)
+        self.high = high
+
+    def uniform(self, a, b):
+        return b if self.high else a
+
+    def randint(self, a, b):
+        return b if self.high else a
+
+
+@pytest.mark.parametrize("high", [False, True], ids=["low", "high"])
+def test_jitter_reaches_its_stated_bounds_and_no_further(high):
+    """Position +-1.5, size +-1 (pixels of the 32-pixel base), colour +-12 per channel: a large red
+    square in the centre, at the extremes of every draw, is that box filled with that colour."""
+    sign = 1 if high else -1
+    centre, half = 16 + 1.5 * sign, (15 + sign) / 2
+    colour = torch.tensor([215 + 12 * sign, 35 + 12 * sign, 35 + 12 * sign], dtype=torch.float32)
+    image = to_tensor(draw_shape(Spec("large", "red", "square", "center"), Extremes(high)))
+    mask = shape_mask("square", (centre - half, centre - half, centre + half, centre + half))  # [32, 32]
+    background = torch.tensor(BACKGROUND, dtype=torch.float32)
+    expected = (background[:, None, None] * (1 - mask) + colour[:, None, None] * mask) / 255
+    torch.testing.assert_close(image, expected, rtol=0, atol=1.5 / 255)  # two roundings on the edges
+    assert torch.equal((image[:, 16, 16] * 255).round(), colour)  # inside: the colour exactly
+
+
+@pytest.mark.parametrize("shape, centre", [("triangle", (16.0, 18.7)), ("diamond", (16.0, 16.0))])
+def test_triangles_and_diamonds_are_centred_in_their_box(shape, centre):
+    """A triangle's apex is over its box's middle (its mass two thirds of the way down), a
+    diamond's corners at the middles of its box's sides; within a quarter pixel (Pillow's
+    polygons include their last supersampled row and column)."""
+    mask = shape_mask(shape, (8, 8, 24, 24))  # [32, 32]
+    grid = torch.arange(32, dtype=torch.float32) + 0.5  # pixel centres
+    x = float((mask.sum(dim=0) * grid).sum() / mask.sum())
+    y = float((mask.sum(dim=1) * grid).sum() / mask.sum())
+    assert x == pytest.approx(centre[0], abs=0.25) and y == pytest.approx(centre[1], abs=0.25)
+
+
+def test_edge_cases_of_the_dataset_and_the_score():
+    expected = "unknown shape 'hexagon': expected one of circle, square, triangle, diamond"
+    with pytest.raises(ValueError, match=expected):
+        shape_mask("hexagon", (8, 8, 24, 24))
+    single = ShapesDataset(1, seed=3)
+    assert len(single) == 1 and single.epoch == 0 and single[0].source == "shapes/3/0"
+    with pytest.raises(IndexError, match="index 1 out of range for 1 shapes"):
+        single[1]
+    spec = single.spec(0)
+    assert score([(spec, spec)]) == {"colour": 1.0, "shape": 1.0, "position": 1.0, "size": 1.0, "all": 1.0}
