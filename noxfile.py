@@ -15,6 +15,8 @@ TORCH = "torch==2.13.0"
 CONSTRAINTS = str(ROOT / ".ci" / "constraints.txt")
 PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").is_file())
 MUTMUT = "mutmut==3.8.1"
+#: runs a package's tests in as many processes as the machine has cores
+XDIST = "pytest-xdist==3.8.0"
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -77,9 +79,11 @@ def install_package(session: nox.Session, package: str, *extra: str) -> None:
 @nox.session
 @nox.parametrize("package", PACKAGES)
 def tests(session: nox.Session, package: str) -> None:
-    """Run one package's tests in an environment with only it and its dependencies."""
-    install_package(session, package)
-    session.run("python", "-m", "pytest", str(ROOT / "packages" / package / "tests"), *session.posargs)
+    """Run one package's tests in an environment with only it and its dependencies, spread over
+    the machine's cores by pytest-xdist (``-- -n 0`` runs them in one process)."""
+    install_package(session, package, XDIST)
+    session.run("python", "-m", "pytest", str(ROOT / "packages" / package / "tests"), "-n", "auto",
+                *session.posargs)
 
 
 @nox.session
